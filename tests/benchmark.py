@@ -1,0 +1,111 @@
+"""Training throughput of a profile, in tokens/s, side by side in one process:
+
+  reference   a nanoGPT-shaped GPT of the same width, depth, heads and window
+              (LayerNorm, learned positions, GELU MLP of 4 * n_embd, fused SDPA attention)
+  softmax     our model, hooks off (fast path)
+  recording   our model recording every hook point at every step
+  headwise    our model with head-wise RMSNorm, hooks off
+
+Usage: python tests/benchmark.py [--profile cpu] [--steps 30] [--device cpu]
+Not a test: pytest does not collect it. Numbers go in README and the closing notes.
+"""
+import argparse
+import contextlib
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model import GPT, pick_device, profile_configs  # noqa: E402
+
+
+class ReferenceBlock(nn.Module):
+    """A nanoGPT-style block, written for this comparison only."""
+
+    def __init__(self, d, n_head):
+        super().__init__()
+        self.n_head = n_head
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.fc_out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+        x = x + self.proj(y)
+        return x + self.fc_out(F.gelu(self.fc(self.ln2(x))))
+
+
+class ReferenceGPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(cfg.vocab_size, cfg.n_embd), nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(ReferenceBlock(cfg.n_embd, cfg.n_head) for _ in range(cfg.n_layer))
+        self.ln_f, self.head = nn.LayerNorm(cfg.n_embd), nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+
+    def forward(self, idx, targets):
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.ln_f(x))
+        return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def step_timer(model, x, y, record):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def one_step():
+        with model.hooks(record="*") if record else contextlib.nullcontext():
+            _, loss = model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return one_step
+
+
+def tokens_per_second(steps_by_name, n_tokens, steps, rounds=3):
+    """Interleave the models round by round so machine noise hits them alike; best round wins."""
+    best = {name: 0.0 for name in steps_by_name}
+    for _ in range(rounds):
+        for name, one_step in steps_by_name.items():
+            for _ in range(3):  # warm up
+                one_step()
+            start = time.perf_counter()
+            for _ in range(steps):
+                one_step()
+            best[name] = max(best[name], n_tokens * steps / (time.perf_counter() - start))
+    return best
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="cpu")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    device = pick_device(args.device)
+    torch.manual_seed(0)
+    model_cfg, train_cfg = profile_configs(args.profile)
+    x = torch.randint(256, (train_cfg.batch_size, model_cfg.block_size), device=device)
+    y = torch.randint(256, (train_cfg.batch_size, model_cfg.block_size), device=device)
+    ours = GPT(model_cfg).to(device)
+    headwise = GPT(profile_configs(args.profile, attn="headwise")[0]).to(device)
+    steps = {"reference": step_timer(ReferenceGPT(model_cfg).to(device), x, y, False),
+             "softmax": step_timer(ours, x, y, False),
+             "recording": step_timer(ours, x, y, True),
+             "headwise": step_timer(headwise, x, y, False)}
+    speed = tokens_per_second(steps, x.numel(), args.steps)
+    print(f"profile {args.profile}: batch {train_cfg.batch_size} x T {model_cfg.block_size}, "
+          f"{sum(p.numel() for p in ours.parameters()) / 1e6:.2f}M parameters, {torch.get_num_threads()} threads")
+    for name, tps in speed.items():
+        print(f"{name:>10}  {tps:9.0f} tokens/s  {tps / speed['reference']:.2f}x reference  "
+              f"{speed['softmax'] / tps:.2f}x the time of softmax")
+
+
+if __name__ == "__main__":
+    main()
