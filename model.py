@@ -62,9 +62,10 @@ class GPTConfig:
             self.ffn_dim = 8 * math.ceil(8 * self.n_embd / 3 / 8)
 
 
-def rms_normalize(x, eps=1e-6):
-    """x / RMS(x) over the last dimension: every vector comes out with RMS 1."""
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+def rms_normalize(x, eps=None):
+    """x / sqrt(mean(x^2) + eps) over the last dimension: every vector comes out with RMS 1.
+    The default eps is float32's machine epsilon, small beside the tiny head outputs at init."""
+    return F.rms_norm(x, (x.shape[-1],), eps=eps)
 
 
 class RMSNorm(nn.Module):
@@ -73,7 +74,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return rms_normalize(x.float()).type_as(x) * self.weight
+        return rms_normalize(x.float(), eps=1e-6).type_as(x) * self.weight
 
 
 def rope_tables(block_size, head_dim, base):
@@ -549,4 +550,5 @@ def run_script(main):
     try:
         main()
     except (InputError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,248 @@
+"""Fast tests of model.py: the four attention variants, hook points, data, training, cache."""
+import dataclasses
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from conftest import ROOT
+from model import (ATTENTION_VARIANTS, BOS, GPT, ByteData, GPTConfig, InputError, TrainConfig, apply_rope,
+                   load_checkpoint, load_corpus, random_token_windows, rope_tables, save_checkpoint,
+                   self_only_mask, train, variance_by_position)
+
+
+def variant(config, attn):
+    return GPT(dataclasses.replace(config, attn=attn))
+
+
+@pytest.mark.parametrize("attn", ATTENTION_VARIANTS)
+def test_forward_backward_finite(tiny_config, attn):
+    model = variant(tiny_config, attn)
+    idx = torch.randint(256, (3, 16))
+    logits, loss = model(idx, idx)
+    assert logits.shape == (3, 16, 257)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("attn", ATTENTION_VARIANTS)
+def test_causal(tiny_config, attn):
+    model = variant(tiny_config, attn)
+    idx = torch.randint(256, (2, 16))
+    changed = idx.clone()
+    changed[:, 9] = (changed[:, 9] + 1) % 256
+    assert_close(model(idx)[0][:, :9], model(changed)[0][:, :9], rtol=0, atol=1e-6)
+    assert not torch.allclose(model(idx)[0][:, 9], model(changed)[0][:, 9])
+
+
+@pytest.mark.parametrize("attn", ATTENTION_VARIANTS)
+def test_fast_path_equals_recorded_path(tiny_config, attn):
+    model = variant(tiny_config, attn)
+    idx = torch.randint(256, (4, 16))
+    fast, _ = model(idx)
+    with model.hooks(record="*") as cache:
+        recorded, _ = model(idx)
+    assert_close(fast, recorded, rtol=0, atol=1e-5)
+    assert cache["blocks.1.attn.hook_pattern"].shape == (4, 2, 16, 16)
+
+
+def test_unknown_variant_names_valid_ones():
+    with pytest.raises(ValueError, match="softmax, sigmoid, headwise, gated"):
+        GPTConfig(attn="linear")
+
+
+def test_recorded_shapes_and_dtype(tiny_config):
+    model = GPT(tiny_config)
+    with model.hooks(record="*") as cache:
+        model(torch.randint(256, (3, 10)))
+    ffn = tiny_config.ffn_dim
+    expected = {"blocks.0.attn.hook_pattern": (3, 2, 10, 10), "blocks.0.attn.hook_head_out": (3, 2, 10, 8),
+                "blocks.0.attn.hook_head_out_post": (3, 2, 10, 8), "blocks.0.attn.hook_out": (3, 10, 16),
+                "blocks.1.mlp.hook_gate": (3, 10, ffn), "blocks.1.mlp.hook_up": (3, 10, ffn),
+                "blocks.1.mlp.hook_hidden": (3, 10, ffn), "blocks.0.hook_resid_in": (3, 10, 16),
+                "hook_resid_final": (3, 10, 16)}
+    for name, shape in expected.items():
+        assert cache[name].shape == shape, name
+        assert cache[name].dtype == torch.float32 and cache[name].device.type == "cpu"
+
+
+def test_unknown_hook_name_is_an_error(tiny_config):
+    with pytest.raises(InputError, match="no hook point"):
+        with GPT(tiny_config).hooks(record="blocks.0.attn.hook_nothing"):
+            pass
+
+
+def test_identity_edit_changes_nothing(tiny_config):
+    model = GPT(tiny_config)
+    idx = torch.randint(256, (2, 16))
+    with model.hooks(edit={f"blocks.{i}.attn.hook_head_out": (lambda x: x) for i in range(2)}):
+        edited, _ = model(idx)
+    assert_close(edited, model(idx)[0], rtol=0, atol=1e-6)
+
+
+def test_edit_reaches_the_output(tiny_config):
+    model = GPT(tiny_config)
+    idx = torch.randint(256, (2, 16))
+    with model.hooks(edit={"blocks.0.attn.hook_head_out": lambda x: 10 * x}):
+        edited, _ = model(idx)
+    assert not torch.allclose(edited, model(idx)[0])
+
+
+def test_self_only_mask_makes_row_k_one_hot(tiny_config):
+    model = GPT(tiny_config)
+    k = 5
+    with model.hooks(record="*hook_pattern", mask=self_only_mask(16, k)) as cache:
+        model(torch.randint(256, (2, 16)))
+    for layer in range(2):
+        row = cache[f"blocks.{layer}.attn.hook_pattern"][:, :, k]  # (B, H, T)
+        assert_close(row, torch.nn.functional.one_hot(torch.tensor(k), 16).float().expand_as(row))
+    # the mask is gone after the `with` block
+    assert model.blocks[0].attn.custom_mask is None
+
+
+def test_mask_in_chosen_layers_only(tiny_config):
+    model = GPT(tiny_config)
+    with model.hooks(record="*hook_pattern", mask=self_only_mask(16, 5), mask_layers=[1]) as cache:
+        model(torch.randint(256, (2, 16)))
+    assert cache["blocks.0.attn.hook_pattern"][:, :, 5, :5].sum() > 0
+    assert cache["blocks.1.attn.hook_pattern"][:, :, 5, :5].sum() == 0
+
+
+def test_headwise_norm_gives_rms_one_before_the_gain(tiny_config):
+    model = variant(tiny_config, "headwise")
+    with torch.no_grad():
+        model.blocks[0].attn.head_norm_gain.fill_(1.0)
+    with model.hooks(record="blocks.0.attn.hook_head_out*") as cache:
+        model(torch.randint(256, (2, 16)))
+    rms = cache["blocks.0.attn.hook_head_out_post"].pow(2).mean(-1).sqrt()  # (B, H, T)
+    assert_close(rms, torch.ones_like(rms), rtol=0, atol=1e-3)  # up to eps / mean(o^2)
+    raw_rms = cache["blocks.0.attn.hook_head_out"].pow(2).mean(-1).sqrt()
+    assert (raw_rms - 1).abs().max() > 0.5  # the normalisation did something
+
+
+def test_sigmoid_weights_in_unit_interval_and_unnormalised(tiny_config):
+    model = variant(tiny_config, "sigmoid")
+    with model.hooks(record="*hook_pattern") as cache:
+        model(torch.randint(256, (2, 16)))
+    weights = cache["blocks.0.attn.hook_pattern"]
+    causal = torch.tril(torch.ones(16, 16, dtype=torch.bool))
+    assert (weights[..., causal] > 0).all() and (weights[..., causal] < 1).all()
+    assert (weights[..., ~causal] == 0).all()
+    row_sums = weights.sum(-1)
+    assert (row_sums - 1).abs().max() > 0.1  # rows do not sum to one
+    # b = -log(T): at init (scores near 0) each weight is about 1/T
+    assert_close(weights[..., causal].mean(), torch.tensor(1 / 16), rtol=0.1, atol=0)
+
+
+def test_gated_output_is_head_output_times_gate(tiny_config):
+    model = variant(tiny_config, "gated")
+    idx = torch.randint(256, (2, 16))
+    with model.hooks(record=["blocks.0.attn.hook_head_out*", "blocks.0.hook_resid_in"]) as cache:
+        model(idx)
+    block = model.blocks[0]
+    x = block.attn_norm(cache["blocks.0.hook_resid_in"])
+    gate = torch.sigmoid(block.attn.gate(x)).view(2, 16, 2, 8).transpose(1, 2)  # (B, H, T, hd)
+    assert_close(cache["blocks.0.attn.hook_head_out_post"], cache["blocks.0.attn.hook_head_out"] * gate)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    cos, sin = rope_tables(32, 8, 10000.0)
+    q, k = torch.randn(8), torch.randn(8)
+
+    def score(m, n):  # q at position m, k at position n
+        qm = apply_rope(q.view(1, 1, 1, 8), cos[m], sin[m])
+        kn = apply_rope(k.view(1, 1, 1, 8), cos[n], sin[n])
+        return (qm * kn).sum()
+    assert_close(score(5, 2), score(20, 17), rtol=1e-5, atol=1e-5)
+    assert_close(score(3, 3), (q * k).sum(), rtol=1e-5, atol=1e-5)
+    assert not torch.isclose(score(5, 2), score(5, 4))
+
+
+def test_residual_projections_have_scaled_init():
+    model = GPT(GPTConfig(n_layer=8, n_embd=128, n_head=4))
+    assert abs(model.blocks[3].attn.wo.weight.std().item() - 0.02 / math.sqrt(16)) < 5e-4
+    assert abs(model.blocks[3].mlp.w_down.weight.std().item() - 0.02 / math.sqrt(16)) < 5e-4
+    assert abs(model.blocks[3].mlp.w_up.weight.std().item() - 0.02) < 1e-3
+
+
+def test_init_variance_decays_like_one_over_t_plus_one():
+    """Paper §3: at init attention is near uniform, so the head output at t averages t+1
+    values and its variance across sequences is var(v) / (t + 1)."""
+    model = GPT(GPTConfig(block_size=32, n_layer=1, n_head=4, n_embd=64))
+    idx = random_token_windows(2048, 32, bos=False, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), model.hooks(record="blocks.0.attn.hook_head_out") as cache:
+        model(idx)
+    across_sequences, _ = variance_by_position(cache["blocks.0.attn.hook_head_out"])  # (T,)
+    for t in (1, 3, 7, 15, 31):
+        assert_close(across_sequences[t] / across_sequences[0], torch.tensor(1 / (t + 1)), rtol=0.15, atol=0)
+
+
+def test_checkpoint_round_trip(tiny_config, tmp_path):
+    model = GPT(tiny_config)
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(path, model, TrainConfig(), {"val_loss": [1.0]}, "data:1")
+    loaded, history = load_checkpoint(path, expect={"data": "data:1"})
+    idx = torch.randint(256, (2, 16))
+    assert_close(loaded(idx)[0], model(idx)[0], rtol=0, atol=0)
+    assert history == {"val_loss": [1.0]}
+    assert not os.path.exists(path + ".tmp")
+    with pytest.raises(InputError, match="does not match"):
+        load_checkpoint(path, expect={"data": "data:2"})
+
+
+def test_corrupt_checkpoint_is_a_one_line_error(tmp_path):
+    path = tmp_path / "broken.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="broken.pt is unreadable"):
+        load_checkpoint(str(path))
+
+
+def test_data_windows_from_a_small_file(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text("hello sinks. " * 200)
+    data = ByteData(load_corpus(str(path)), 16, "text.txt")
+    generator = torch.Generator().manual_seed(0)
+    x, y = data.windows("train", 4, bos=False, generator=generator)
+    assert x.shape == y.shape == (4, 16)
+    assert (x[:, 1:] == y[:, :-1]).all()
+    x, y = data.windows("val", 4, bos=True, generator=generator)
+    assert (x[:, 0] == BOS).all() and (x[:, 1:] == y[:, :-1]).all() and (y < 256).all()
+
+
+def test_missing_empty_and_short_files_are_clear_errors(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        load_corpus(str(tmp_path / "nothing.txt"))
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(InputError, match="is empty"):
+        load_corpus(str(tmp_path / "empty.txt"))
+    (tmp_path / "short.txt").write_text("too short")
+    with pytest.raises(InputError, match="too short"):
+        ByteData(load_corpus(str(tmp_path / "short.txt")), 16)
+
+
+def test_window_longer_than_the_model_is_an_error(tiny_config):
+    with pytest.raises(InputError, match="longer than the model's window"):
+        GPT(tiny_config)(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize("attn", ATTENTION_VARIANTS)
+def test_tiny_training_lowers_the_loss(tmp_path, attn):
+    path = tmp_path / "text.txt"
+    path.write_text("the first token attends only to itself. " * 300)
+    data = ByteData(load_corpus(str(path)), 16)
+    model = GPT(GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, attn=attn))
+    cfg = TrainConfig(steps=40, batch_size=16, lr=1e-2, warmup_steps=5, eval_interval=20, eval_windows=8)
+    history = train(model, data, cfg)
+    assert history["val_loss"][-1] < history["val_loss"][0] - 1.0
+
+
+def test_bad_device_is_a_one_line_error_and_exit_2():
+    code = "import model; model.run_script(lambda: model.pick_device('cuda' if not model.torch.cuda.is_available() else 'tpu'))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error:")
