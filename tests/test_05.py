@@ -1,0 +1,150 @@
+"""Tests of 05_pretrain_headwise.py: the script through main(["--quick"]), its measures on inputs with
+known answers, and (group `claims_long`: hours of CPU, not run by CI) the paper's claims over 3 seeds
+on the cpu profile: python -m pytest -m claims_long tests/test_05.py"""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from conftest import ROOT, load_script
+from model import InputError
+
+pretrain = load_script("05_pretrain_headwise.py")
+
+KEYS = ["val_loss_curves", "val_loss_final", "steps_to_baseline_loss", "first_token_attention_by_layer",
+        "dominance_ratio_token0_by_layer", "effective_rank_by_layer", "var_by_position", "head_entropy",
+        "head_output_variance"]
+VARIANTS = ["softmax", "sigmoid", "headwise", "gated"]
+
+
+def numbers_in(value):
+    """Every int or float inside nested dicts and lists."""
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in numbers_in(v)]
+    if isinstance(value, list):
+        return [n for v in value for n in numbers_in(v)]
+    return [value] if isinstance(value, (int, float)) else []
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """The four variants on the tiny profile, one seed: trains four tiny models (seconds)."""
+    out = tmp_path_factory.mktemp("out")
+    return out, pretrain.main(["--quick", "--seeds", "1", "--out_dir", str(out)])
+
+
+# ----------------------------------------------------------------------------- the script, --quick
+
+def test_quick_run_writes_every_key_figures_and_finite_numbers(quick):
+    out, metrics = quick
+    folder = out / "05_pretrain_headwise"
+    on_disk = json.loads((folder / "metrics.json").read_text())
+    assert on_disk == metrics
+    assert set(KEYS) <= set(on_disk), set(KEYS) - set(on_disk)
+    assert all(math.isfinite(n) for n in numbers_in(on_disk))
+    figures = {f.name: f.stat().st_size for f in folder.glob("*.png")}
+    assert set(figures) == {"fig16_val_loss.png", "fig02_first_token_attention.png", "fig14_dominance_ratio.png",
+                            "fig15_effective_rank.png", "fig23_variance_by_position.png",
+                            "fig13_head_entropy_variance.png"}
+    assert all(size > 0 for size in figures.values())
+
+
+def test_quick_curves_have_the_same_length_for_every_variant(quick):
+    metrics = quick[1]
+    assert list(metrics["val_loss_curves"]) == VARIANTS
+    lengths = {len(curve) for by_seed in metrics["val_loss_curves"].values() for curve in by_seed.values()}
+    assert lengths == {len(metrics["val_steps"])} == {4}  # tiny profile: steps 0, 20, 40, 60
+    assert all(len(metrics["val_loss_final"][v]) == 1 for v in VARIANTS)
+
+
+def test_quick_shapes(quick):
+    metrics = quick[1]
+    n_layer, n_head, T = 2, 2, 32  # the tiny profile
+    for v in VARIANTS:
+        assert len(metrics["first_token_attention_by_layer"][v]) == n_layer
+        assert len(metrics["dominance_ratio_token0_by_layer"][v]) == n_layer + 1  # + the stream leaving the last block
+        assert len(metrics["effective_rank_by_layer"][v]) == n_layer + 1
+        assert len(metrics["var_by_position"][v]) == T
+        steps = metrics["steps_to_baseline_loss"][v]
+        assert steps is None or 0 <= steps <= 60
+    assert metrics["steps_to_baseline_loss"]["softmax"] is not None  # the baseline reaches its own final loss
+    assert [len(layer) for layer in metrics["head_entropy"]] == [n_head] * n_layer
+    assert [len(layer) for layer in metrics["head_output_variance"]] == [n_head] * n_layer
+
+
+def test_same_seed_gives_identical_metrics(quick):
+    out, metrics = quick
+    assert pretrain.main(["--quick", "--seeds", "1", "--out_dir", str(out)]) == metrics  # now from the cache
+
+
+def test_unknown_variant_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match="linear"):
+        pretrain.main(["--quick", "--variants", "softmax,linear", "--out_dir", str(tmp_path)])
+
+
+def test_variants_without_the_baseline_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match="softmax"):
+        pretrain.main(["--quick", "--variants", "headwise", "--out_dir", str(tmp_path)])
+
+
+# ----------------------------------------------------------------------------- measures, known answers
+
+def test_attention_entropy_of_uniform_and_one_hot_attention():
+    T = 6
+    uniform = torch.tril(torch.ones(T, T)) / torch.arange(1, T + 1).view(T, 1)  # row t: 1 / (t + 1) on keys <= t
+    one_hot = torch.zeros(T, T)
+    one_hot[:, 0] = 1  # every query on key 0: a perfect sink
+    pattern = torch.stack([uniform, one_hot]).expand(3, 2, T, T)  # (B, H, T, T): head 0 uniform, head 1 one-hot
+    expected_uniform = sum(math.log(t + 1) for t in range(1, T)) / (T - 1)
+    torch.testing.assert_close(pretrain.attention_entropy_by_head(pattern), torch.tensor([expected_uniform, 0.0]))
+
+
+def test_head_output_variance():
+    head_out = torch.zeros(2, 3, 4, 2)  # (B, H, T, hd)
+    head_out[:, 1, :, 0], head_out[:, 1, :, 1] = 1.0, -1.0  # head 1: every vector (1, -1), variance 2 (unbiased)
+    torch.testing.assert_close(pretrain.head_output_variance(head_out), torch.tensor([0.0, 2.0, 0.0]))
+
+
+def test_rank_correlation():
+    assert pretrain.rank_correlation([1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 30.0, 400.0]) == pytest.approx(1.0)
+    assert pretrain.rank_correlation([1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]) == pytest.approx(-1.0)
+
+
+def test_steps_to_reach():
+    steps, losses = [0, 10, 20], [3.0, 2.0, 1.0]
+    assert pretrain.steps_to_reach(steps, losses, 2.0) == 10  # reached exactly at an evaluation
+    assert pretrain.steps_to_reach(steps, losses, 3.5) == 0
+    assert pretrain.steps_to_reach(steps, losses, 0.5) is None
+
+
+# ----------------------------------------------------------------------------- claims (cpu profile, 3 seeds)
+
+OUT = os.path.join(ROOT, "out")  # shares the checkpoint cache with 01-04: seed 0 softmax is not trained again
+
+
+@pytest.fixture(scope="module")
+def cpu_05():
+    return pretrain.main(["--profile", "cpu", "--seeds", "3", "--out_dir", OUT])
+
+
+@pytest.mark.claims_long
+def test_claim_headwise_reaches_a_lower_val_loss_in_most_seeds(cpu_05):
+    headwise, baseline = cpu_05["val_loss_final"]["headwise"], cpu_05["val_loss_final"]["softmax"]
+    wins = sum(h < b for h, b in zip(headwise, baseline))
+    assert wins >= 2, f"head-wise lower in {wins} of 3 seeds: head-wise {headwise}, baseline {baseline}"
+
+
+@pytest.mark.claims_long
+@pytest.mark.parametrize("variant", ["headwise", "sigmoid"])
+def test_claim_no_sink_in_any_layer(cpu_05, variant):
+    attention = cpu_05["first_token_attention_by_layer"][variant]
+    assert max(attention) <= 0.1, f"{variant}: attention to token 0 by layer {attention}"
+
+
+@pytest.mark.claims_long
+def test_claim_headwise_lower_dominance_and_higher_effective_rank(cpu_05):
+    dominance, rank = cpu_05["dominance_ratio_token0_by_layer"], cpu_05["effective_rank_by_layer"]
+    assert max(dominance["headwise"]) < max(dominance["softmax"]), f"dominance by layer: {dominance}"
+    assert min(rank["headwise"]) > min(rank["softmax"]), f"effective rank by layer: {rank}"
