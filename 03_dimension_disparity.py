@@ -1,0 +1,223 @@
+"""
+03 - Dimension disparity and QK locking (paper §4.3; Fig. 11, 12, 15, 21).
+
+Claim. The super neurons of the early FFNs write token 0's massive activation into a handful
+of residual dimensions, so token 0's hidden state is dominated by a few outlier dimensions:
+its dominance ratio max|x_i| / mean|x_i| rises sharply in the early layers (Fig. 11; about
+263 after RMSNorm in Llama-2 layer 2) while the other tokens' stays low. RMSNorm then maps
+token 0's state to an almost fixed direction whatever the sequence ("directional filter"),
+so its key is almost the same in every sequence; heads whose query matrix has its principal
+direction along that sink key give token 0 a positive score for almost every query
+("QK locking", Fig. 12). The outlier dimensions also collapse the hidden states onto a few
+directions: the effective rank drops in the first layers (Fig. 15, 21).
+
+What this script measures, on 64 held-out validation windows:
+  - the dominance ratio per layer, token 0 against the mean over the others (Fig. 11);
+  - the mean cosine similarity between token 0's RMS-normalised attention inputs taken from
+    different windows, against the same at the other positions. With a BOS token every
+    window's token 0 is the same token at the same position, so its state is identical and
+    the cosine is 1 by construction; this measure therefore uses 64 windows whose first
+    token is a text byte, where "whatever the input" means something;
+  - in the first layer whose input carries token 0's norm spike (token 0's L2 norm at least
+    2x the others'; without one, the layer with the largest ratio), per head: |cos| between
+    the sink key and W_Q's principal direction, and the share of queries scoring token 0
+    positively (Fig. 12);
+  - the effective rank (Roy & Vetterli 2007) of each window's (T, C) hidden states per layer,
+    averaged over windows (Fig. 15, 21).
+"Layer i" is the residual stream entering block i, as in 01. A small model may not show the
+disparity; the script prints its numbers and says so.
+
+Run:  python 03_dimension_disparity.py [--quick]      (figures and metrics.json in out/03_dimension_disparity/)
+
+Exercises (cpu profile; each takes minutes once the model is cached)
+  1. Reading. `dominance_ratio` (model.py) divides by the mean |x_i| over C = n_embd
+     dimensions. What is the largest value it can take, and for which vector? Check that no
+     entry of `dominance_ratio_token0_by_layer` exceeds it.
+  2. Predicting. Before running it: what would `token0_direction_cosine_by_layer` be if it
+     were measured on the BOS windows `x` instead of the text-first windows? Add a flag
+     `--direction_on_bos` that passes `x` to `direction_cosines` instead, run it, and compare.
+  3. Predicting. The sink key is the same in every window, but the queries are rotated by
+     RoPE. Predict whether a head with `qk_alignment_by_head` near 1 must have a
+     `positive_score_ratio_by_head` near 0 or 1, then look at the printed head table.
+  4. Changing code. Leave token 0 out of `effective_rank_by_layer` (pass `resid[:, 1:]`) and
+     compare `effective_rank_by_layer` with and without it: in which layers does token 0
+     alone pull the rank down?
+"""
+import matplotlib
+
+matplotlib.use("Agg")
+import os
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model import (dominance_ratio, effective_rank, print_table, profile_configs, run_script, script_parser, setup,
+                   trained_model, write_metrics)
+
+N_WINDOWS = 64  # held-out windows for every measure
+SPIKE_NORM_RATIO = 2.0  # token 0's L2 norm over the others' mean that counts as the norm spike (as in 01)
+
+
+# ----------------------------------------------------------------------------- measures
+
+def mean_pairwise_cosine(states):
+    """(N, ..., C) -> (...): mean cosine similarity over the N(N-1) ordered pairs of different rows along dim 0.
+    1 when all N vectors point the same way; about 0 for random directions."""
+    unit = F.normalize(states, dim=-1)  # (N, ..., C)
+    total = unit.sum(dim=0)  # (..., C); |sum|^2 = sum over all pairs, the N self-pairs included
+    n = states.shape[0]
+    return ((total * total).sum(-1) - n) / (n * (n - 1))
+
+
+def direction_cosines(model, x_first_token_varies, device):
+    """Per layer: (token 0, mean over t >= 1) of the mean pairwise cosine of the attention input
+    attn_norm(resid_in) at one position, taken from different windows."""
+    with torch.no_grad(), model.hooks(record="blocks.*.hook_resid_in") as cache:
+        model(x_first_token_varies.to(device))
+    token0, others = [], []
+    for i, block in enumerate(model.blocks):
+        with torch.no_grad():
+            normalised = block.attn_norm(cache[f"blocks.{i}.hook_resid_in"].to(device)).float().cpu()  # (N, T, C)
+        cosine = mean_pairwise_cosine(normalised)  # (T,)
+        token0.append(float(cosine[0]))
+        others.append(float(cosine[1:].mean()))
+    return token0, others
+
+
+def qk_locking(model, layer, q, k):
+    """Per head of `layer`: (|cos| between the sink key and W_Q's principal direction,
+    share of queries t >= 1 whose score to token 0 is positive).
+
+    q, k: the recorded queries and keys (N, H, T, hd), after RoPE.
+    RoPE: the alignment compares weights and the sink key in the un-rotated frame. Key 0 sits
+    at position 0, where RoPE's angle is 0, so the recorded key is also the un-rotated one;
+    the rotation each query gets is left out there. The positive-score share uses the
+    recorded, rotated q and k, so it is the model's actual sign of q_t . k_0."""
+    attn = model.blocks[layer].attn
+    head_dim = attn.head_dim
+    alignment, positive = [], []
+    for h in range(attn.n_head):
+        w_query = attn.qkv.weight[h * head_dim:(h + 1) * head_dim].detach().float().cpu()  # (hd, C): W_Q of head h
+        principal = torch.linalg.svd(w_query, full_matrices=False).U[:, 0]  # (hd,): where W_Q sends inputs most
+        sink_key = k[:, h, 0].mean(0)  # (hd,): token 0's key, averaged over windows
+        alignment.append(float(F.cosine_similarity(principal, sink_key, dim=0).abs()))
+        scores = torch.einsum("ntd,nd->nt", q[:, h, 1:], k[:, h, 0])  # (N, T-1): q_t . k_0
+        positive.append(float((scores > 0).float().mean()))
+    return alignment, positive
+
+
+# ----------------------------------------------------------------------------- figures
+
+def plot_dominance(layers, token0, others, cos0, cos_others, path):
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(layers, token0, "o-", color="tab:red", label="token 0")
+    left.plot(layers, others, "s-", color="tab:blue", label="tokens t ≥ 1 (mean)")
+    left.set(ylim=(0, None), xlabel="layer (residual stream entering the block)", ylabel="dominance ratio max|x| / mean|x|",
+             title="Fig. 11: dimension disparity", xticks=layers)
+    left.legend()
+    right.plot(layers, cos0, "o-", color="tab:red", label="token 0 (first token a text byte)")
+    right.plot(layers, cos_others, "s-", color="tab:blue", label="tokens t ≥ 1 (mean)")
+    right.set(ylim=(-0.05, 1.05), xlabel="layer", ylabel="mean cosine between windows",
+              title="§4.3: RMSNorm as a directional filter", xticks=layers)
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_qk_locking(alignment, positive, layer, path):
+    heads = np.arange(len(alignment))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar(heads, alignment, color="tab:blue", alpha=0.7)
+    ax.set(xlabel="head", ylabel="|cos(sink key, W_Q principal direction)|", ylim=(0, 1), xticks=heads,
+           title=f"Fig. 12: QK locking in layer {layer}")
+    twin = ax.twinx()
+    twin.plot(heads, positive, "o-", color="tab:red")
+    twin.set_ylabel("share of queries with q . k_0 > 0", color="tab:red")
+    twin.set_ylim(0, 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_effective_rank(layers, ranks, n_embd, path):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(layers, ranks, "o-")
+    ax.axhline(n_embd, color="gray", linestyle=":", label=f"n_embd = {n_embd}")
+    ax.set(xlabel="layer (residual stream entering the block)", ylabel="effective rank of (T, C) hidden states",
+           title="Fig. 15 / 21: effective rank by layer", xticks=layers, ylim=(0, n_embd * 1.05))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None) -> dict:
+    parser = script_parser(__doc__)
+    args = setup(parser.parse_args(argv), __file__)
+    model, _ = trained_model(args.profile, "softmax", args.seed, args.dataset, args.device, args.out_dir)
+    model.eval()
+    model_cfg, train_cfg = profile_configs(args.profile)
+    x, _ = args.dataset.windows("val", N_WINDOWS, train_cfg.bos, torch.Generator().manual_seed(args.seed))  # (N, T)
+    x_text_first, _ = args.dataset.windows("val", N_WINDOWS, False, torch.Generator().manual_seed(args.seed + 1))
+
+    with torch.no_grad(), model.hooks(record=["blocks.*.hook_resid_in", "blocks.*.attn.hook_q",
+                                              "blocks.*.attn.hook_k"]) as cache:
+        model(x.to(args.device))
+    layers = list(range(model_cfg.n_layer))
+    resid = [cache[f"blocks.{i}.hook_resid_in"] for i in layers]  # each (N, T, C)
+
+    dominance = [dominance_ratio(r) for r in resid]  # each (N, T)
+    dominance0 = [float(d[:, 0].mean()) for d in dominance]
+    dominance_others = [float(d[:, 1:].mean()) for d in dominance]
+    norms = [r.norm(dim=-1) for r in resid]  # each (N, T)
+    norm_ratio = [float(n[:, 0].mean() / n[:, 1:].mean()) for n in norms]
+    spiked = [i for i in layers if norm_ratio[i] >= SPIKE_NORM_RATIO]
+    spike_layer = spiked[0] if spiked else int(np.argmax(norm_ratio))
+
+    cos0, cos_others = direction_cosines(model, x_text_first, args.device)
+    alignment, positive = qk_locking(model, spike_layer, cache[f"blocks.{spike_layer}.attn.hook_q"],
+                                     cache[f"blocks.{spike_layer}.attn.hook_k"])
+    ranks = [float(np.mean([effective_rank(window) for window in r])) for r in resid]  # mean over windows of (T, C)
+
+    metrics = {
+        "n_windows": N_WINDOWS,
+        "dominance_ratio_token0_by_layer": dominance0,
+        "dominance_ratio_others_by_layer": dominance_others,
+        "token0_norm_ratio_by_layer": norm_ratio,
+        "spike_layer": spike_layer,
+        "token0_direction_cosine_by_layer": cos0,
+        "others_direction_cosine_by_layer": cos_others,
+        "qk_alignment_by_head": alignment,
+        "positive_score_ratio_by_head": positive,
+        "effective_rank_by_layer": ranks,
+    }
+    write_metrics(metrics, args.script_dir)
+    plot_dominance(layers, dominance0, dominance_others, cos0, cos_others,
+                   os.path.join(args.script_dir, "fig11_dominance_ratio.png"))
+    plot_qk_locking(alignment, positive, spike_layer, os.path.join(args.script_dir, "fig12_qk_locking.png"))
+    plot_effective_rank(layers, ranks, model_cfg.n_embd, os.path.join(args.script_dir, "fig15_effective_rank.png"))
+
+    print(f"{args.profile} model, {N_WINDOWS} held-out windows (direction cosines: {N_WINDOWS} text-first windows)")
+    print_table([[i, norm_ratio[i], dominance0[i], dominance_others[i], dominance0[i] / dominance_others[i],
+                  cos0[i], cos_others[i], ranks[i]] for i in layers],
+                ["layer", "norm 0/others", "dominance 0", "others", "0/others", "cos 0", "cos others", "eff. rank"])
+    chance = float(np.sqrt(2 / (np.pi * model.blocks[0].attn.head_dim)))  # E|cos| of random directions in hd dims
+    print(f"\nQK locking in layer {spike_layer} (first layer whose input has token 0's norm >= "
+          f"{SPIKE_NORM_RATIO:g}x the others'{'' if spiked else '; none has, so the largest ratio'}); "
+          f"|cos| of random directions ~ {chance:.2f}")
+    print_table([[h, alignment[h], positive[h]] for h in range(len(alignment))], ["head", "alignment", "q.k0 > 0"])
+    best = int(np.argmax([a / b for a, b in zip(dominance0, dominance_others)]))
+    best_ratio = dominance0[best] / dominance_others[best]
+    print(f"\ntoken 0's dominance ratio is at most {best_ratio:.1f}x the others' (layer {best}): "
+          + ("dimension disparity." if best_ratio >= 10 else
+             "below 10x, so this model shows no clear dimension disparity (Llama-2: about 263 at layer 2)."))
+    return metrics
+
+
+if __name__ == "__main__":
+    run_script(main)
