@@ -293,16 +293,31 @@ class ByteData:
         self.block_size = block_size
         self.fingerprint = f"{name}:{len(text)}:{hashlib.sha1(text).hexdigest()[:12]}"
 
-    def windows(self, split, n, bos, generator):
+    def windows(self, split, n, bos, generator, repeat_prob=0.0):
         """n windows (x, y), each (n, T) int64 on the CPU; y is x shifted by one.
-        With bos, x[:, 0] is the BOS token and the text starts at position 1."""
+        With bos, x[:, 0] is the BOS token and the text starts at position 1.
+        With repeat_prob, that share of windows gets a span copied to a later place."""
         tokens, T = (self.train if split == "train" else self.val), self.block_size
         n_text = T if bos else T + 1
         starts = torch.randint(len(tokens) - n_text + 1, (n,), generator=generator)
         text = torch.stack([tokens[s:s + n_text] for s in starts.tolist()]).long()  # (n, n_text)
+        for i in torch.nonzero(torch.rand(n, generator=generator) < repeat_prob).flatten().tolist():
+            repeat_span(text[i], generator)  # text[i] is a view: copied in place
         if bos:
             return torch.cat([torch.full((n, 1), BOS), text[:, :-1]], dim=1), text
         return text[:, :-1], text[:, 1:]
+
+
+def repeat_span(row, generator):
+    """Copy a span of row (length T/8 to 3T/8) to a later, non-overlapping place, in place.
+    The second copy is predictable only by looking back (an induction head), so the heads
+    that learn it are useful on a few positions and idle on all others: Guo et al.'s
+    "active-dormant" heads, which park their idle attention on a sink."""
+    T = len(row)
+    length = int(torch.randint(T // 8, 3 * T // 8 + 1, (1,), generator=generator))
+    source = int(torch.randint(0, T - 2 * length + 1, (1,), generator=generator))
+    target = int(torch.randint(source + length, T - length + 1, (1,), generator=generator))
+    row[target:target + length] = row[source:source + length].clone()
 
 
 def random_token_windows(n, block_size, bos, generator):
@@ -326,6 +341,7 @@ class TrainConfig:
     weight_decay: float = 0.1  # on matrices and embeddings; never on RMSNorm gains
     grad_clip: float = 1.0
     bos: bool = True  # every window starts with the BOS token
+    repeat_prob: float = 0.0  # share of training windows with a copied span (see repeat_span)
     eval_interval: int = 100
     eval_windows: int = 64
     seed: int = 0
@@ -334,11 +350,16 @@ class TrainConfig:
 # Named profiles: the model's shape and its training recipe (see README, "The recipe search").
 PROFILES = {
     "tiny": dict(model=dict(block_size=32, n_layer=2, n_head=2, n_embd=32),
-                 train=dict(steps=60, batch_size=16, lr=3e-3, warmup_steps=5, eval_interval=20, eval_windows=16)),
-    "cpu": dict(model=dict(block_size=128, n_layer=4, n_head=4, n_embd=64),
-                train=dict(steps=3000, batch_size=64, lr=3e-3, warmup_steps=50, eval_interval=250)),
-    "gpu": dict(model=dict(block_size=256, n_layer=8, n_head=8, n_embd=256),
-                train=dict(steps=10000, batch_size=128, lr=3e-3, warmup_steps=200, eval_interval=500)),
+                 train=dict(steps=60, batch_size=16, lr=3e-3, warmup_steps=5, eval_interval=20, eval_windows=16,
+                            repeat_prob=1.0)),
+    "cpu": dict(model=dict(block_size=64, n_layer=3, n_head=4, n_embd=64),
+                train=dict(steps=8000, batch_size=32, lr=1e-2, warmup_steps=100, schedule="constant",
+                           repeat_prob=1.0, eval_interval=500)),
+    # Extrapolated from the cpu recipe (wider, more tokens, a smaller learning rate for the
+    # wider model); not yet run on a GPU.
+    "gpu": dict(model=dict(block_size=64, n_layer=3, n_head=8, n_embd=256),
+                train=dict(steps=20000, batch_size=128, lr=3e-3, warmup_steps=200, schedule="constant",
+                           repeat_prob=1.0, eval_interval=1000)),
 }
 
 
@@ -391,7 +412,7 @@ def train(model, data, cfg, desc="train"):
         if step % cfg.eval_interval == 0:
             history["val_step"].append(step)
             history["val_loss"].append(evaluate(model, val_x, val_y))
-        x, y = data.windows("train", cfg.batch_size, cfg.bos, batches)
+        x, y = data.windows("train", cfg.batch_size, cfg.bos, batches, cfg.repeat_prob)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)
         with autocast(device):
