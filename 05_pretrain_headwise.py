@@ -40,9 +40,9 @@ says whether each of the paper's claims holds here.
 Run:  python 05_pretrain_headwise.py [--quick] [--variants softmax,headwise] [--seeds 3]
       (figures and metrics.json in out/05_pretrain_headwise/; checkpoints in out/checkpoints/)
 
-Exercises (cpu profile; a new training takes about 12 minutes on 2 cores, analysis seconds)
+Exercises (cpu profile; a new training takes about 6 minutes on 2 cores, analysis seconds)
   1. Reading, then changing code. `steps_to_reach` only looks at evaluated steps, so
-     `steps_to_baseline_loss` moves in jumps of eval_interval (250). Predict how far off it
+     `steps_to_baseline_loss` moves in jumps of eval_interval (500). Predict how far off it
      can be, then make `steps_to_reach` interpolate linearly between the two evaluations
      around the crossing (return a float). Watch `steps_to_baseline_loss`.
   2. Predicting. In `analyse`, `var_by_position` uses the second reading of
@@ -64,7 +64,7 @@ Exercises (cpu profile; a new training takes about 12 minutes on 2 cores, analys
      headwise and softmax close?
   5. Predicting. Gu et al. find that a larger weight decay makes sinks stronger. Add
      weight_decay=0.5 to PROFILES["cpu"]["train"] (model.py; a new config retrains by itself)
-     and run `--variants softmax` (then weight_decay=0.0, if you have another 12 minutes).
+     and run `--variants softmax` (then weight_decay=0.0, if you have another 6 minutes).
      Predict, then compare with the default 0.1, the maxima of
      `first_token_attention_by_layer["softmax"]` and `dominance_ratio_token0_by_layer["softmax"]`.
 Checks for 1-4: `python -m pytest -m exercises tests/`.
