@@ -1,0 +1,236 @@
+"""
+01 - Variance discrepancy: token 0 cannot aggregate (paper §3; Fig. 1, 3, 7).
+
+Claim. With a causal mask, token 0 attends only to itself, so its head output is one value
+vector, while token t averages t + 1 values. Under near-uniform attention the variance of the
+head output falls roughly like 1/(t+1): token 0 is a high-variance outlier. This holds at
+random initialisation and, in the trained model, on random tokens too, so it is about the
+position, not the content (Fig. 1). W_O keeps the discrepancy: its weight magnitude per input
+dimension correlates with token 0's per-dimension magnitude (Kendall tau, 0.32 in Llama-2
+layer 1), and after W_O token 0's variance is still far above the others' (Fig. 7). From the
+layer where token 0's input norm spikes, attention to token 0 jumps (Fig. 3).
+
+What this script measures, on 64 held-out windows (and 64 random-token windows):
+  - the variance of layer 0's head outputs (blocks.0.attn.hook_head_out, the value
+    aggregation before W_O) at each position, in two readings (model.variance_by_position):
+    per dimension across windows, and across dimensions within one token; for the
+    random-init model, the trained model on text, and the trained model on random tokens;
+  - var_ratio_token0: the within-token variance at position 0 over its mean at positions
+    >= 1. The within-token reading, because with a BOS token at position 0 every window's
+    token 0 is the same token at the same position, so its across-windows variance is
+    exactly 0 (Exercise 1);
+  - per layer: the mean attention to token 0 (queries t >= 1, all heads), and the L2 norm of
+    token 0's residual stream entering the block beside the others' mean (Fig. 3);
+  - per layer: Kendall tau-b between the L2 norm of each W_O input column and token 0's
+    per-dimension spread at the W_O input, and the within-token variance ratio of token 0
+    to the others after W_O (blocks.{i}.attn.hook_out; Fig. 7).
+"Layer i" is the residual stream entering block i. A small model may not show every link;
+the script prints its numbers and says so.
+
+Run:  python 01_variance.py [--quick]      (figures and metrics.json in out/01_variance/)
+
+Exercises (cpu profile; each takes seconds once the model is cached)
+  1. Reading. `variance_by_position` (model.py) takes the across-sequences variance over
+     dim 0 (the windows). Why is `var_by_position_trained["across_sequences"][0]` exactly 0,
+     and in which of the three cases? Check all three in metrics.json.
+  2. Predicting. If every query attended uniformly to i.i.d. values, the variance at
+     position t would be var_0 / (t+1). Compute what this predicts for `var_ratio_token0`
+     with T = 64 (1 / mean over t = 1..63 of 1/(t+1)), then compare with the "init" entry.
+     Is the random-init model's attention uniform enough for the prediction to hold?
+  3. Changing code. Add a flag `--random_without_bos` that builds the random-token windows
+     with `random_token_windows(..., bos=False)`. Predict, then check, whether the
+     across-sequences variance of `var_by_position_random_tokens` at position 0 now stands
+     above its mean at positions >= 1.
+  4. Reading. `kendall_tau_b` counts concordant minus discordant pairs. What does it give for
+     a vector against itself, and against its reverse? How would you read a
+     `wo_kendall_tau_by_layer` entry of 0?
+"""
+import matplotlib
+
+matplotlib.use("Agg")
+import os
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from model import (GPT, first_token_attention, print_table, profile_configs, random_token_windows, run_script,
+                   script_parser, setup, trained_model, variance_by_position, write_metrics)
+
+N_WINDOWS = 64  # held-out windows (and random-token windows) for every measure
+SPIKE_NORM_RATIO = 2.0  # token 0's L2 norm over the others' mean that counts as the norm spike
+SINK_THRESHOLD = 0.3  # Gu et al.'s epsilon: mean attention to token 0 that makes it a sink
+CASES = ("init", "trained", "random_tokens")
+
+
+# ----------------------------------------------------------------------------- measures
+
+def kendall_tau_b(x, y):
+    """Kendall's tau-b of two 1-D sequences, in numpy (scipy is not a dependency):
+    (concordant - discordant pairs) / sqrt((pairs not tied in x) * (pairs not tied in y))."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    upper = np.triu_indices(len(x), k=1)  # each pair i < j once
+    sx = np.sign(x[:, None] - x[None, :])[upper]
+    sy = np.sign(y[:, None] - y[None, :])[upper]
+    denominator = np.sqrt((sx != 0).sum() * (sy != 0).sum())
+    return float((sx * sy).sum() / denominator) if denominator > 0 else 0.0
+
+
+def variance_ratio_token0(variance):
+    """(T,) variance per position -> variance at position 0 over the mean at positions >= 1."""
+    return float(variance[0] / variance[1:].mean().clamp_min(1e-30))
+
+
+def within_token_variance_ratio(out):
+    """(N, T, C) -> token 0's variance across its C dimensions over the others' (means over windows)."""
+    return variance_ratio_token0(out.var(dim=-1).mean(dim=0))
+
+
+def token0_dimension_spread(head_out):
+    """(N, H, T, hd) head outputs -> (H * hd,) token 0's squared deviation from its own mean over
+    the head's dimensions, per dimension, averaged over windows; ordered as W_O's inputs (h * hd + d).
+    Why not the variance across windows: with BOS, token 0 is the same in every window and that
+    variance is 0. This is each dimension's share of the within-token reading used above."""
+    x0 = head_out[:, :, 0]  # (N, H, hd)
+    spread = (x0 - x0.mean(dim=-1, keepdim=True)).pow(2).mean(dim=0)  # (H, hd)
+    return spread.flatten()
+
+
+def layer0_variance(model, x, device):
+    """{"across_sequences": [...], "within_token": [...]} of layer 0's head outputs on windows x."""
+    with torch.no_grad(), model.hooks(record="blocks.0.attn.hook_head_out") as cache:
+        model(x.to(device))
+    across, within = variance_by_position(cache["blocks.0.attn.hook_head_out"])
+    return {"across_sequences": across.tolist(), "within_token": within.tolist()}
+
+
+# ----------------------------------------------------------------------------- figures
+
+def plot_variance(by_case, path):
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4), sharey=False)
+    titles = {"init": "random init, text", "trained": "trained, text", "random_tokens": "trained, random tokens"}
+    for ax, case in zip(axes, CASES):
+        within = np.array(by_case[case]["within_token"])
+        across = np.array(by_case[case]["across_sequences"])
+        positions = np.arange(len(within))
+        ax.plot(positions, within, "o-", markersize=3, color="tab:red", label="within token (var over dims)")
+        ax.plot(positions, np.where(across > 0, across, np.nan), "s-", markersize=3, color="tab:blue",
+                label="across sequences (var over windows)")
+        ax.plot(positions, within[0] / (positions + 1), ":", color="black", label="within[0] / (t+1): uniform attention")
+        ax.set(yscale="log", xlabel="position t", ylabel="variance of layer-0 head output",
+               title=f"Fig. 1: {titles[case]}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_attention_and_norm(layers, attention, norm0, norm_others, path):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(layers, attention, "o-", color="tab:red", label="attention to token 0")
+    ax.axhline(SINK_THRESHOLD, color="tab:red", linewidth=0.5, linestyle=":")
+    ax.set(xlabel="layer (residual stream entering the block)", ylabel="mean attention to token 0", ylim=(0, 1),
+           xticks=layers, title="Fig. 3: first-token attention and input norm")
+    ax.yaxis.label.set_color("tab:red")
+    twin = ax.twinx()
+    twin.plot(layers, norm0, "s-", color="tab:blue", label="token 0 input L2 norm")
+    twin.plot(layers, norm_others, "^--", color="tab:cyan", label="tokens t ≥ 1 (mean)")
+    twin.set_ylabel("input L2 norm", color="tab:blue")
+    twin.set_ylim(0, None)
+    lines = ax.get_lines()[:1] + twin.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_wo(layers, taus, post_ratio, path):
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.bar(layers, taus, color="tab:blue")
+    left.axhline(0, color="black", linewidth=0.5)
+    left.set(xlabel="layer", ylabel="Kendall tau-b", xticks=layers, ylim=(-1, 1),
+             title="Fig. 7: |W_O column| vs token 0's spread")
+    right.plot(layers, post_ratio, "o-", color="tab:red")
+    right.axhline(1, color="gray", linestyle=":", label="no discrepancy")
+    right.set(xlabel="layer", ylabel="token 0 variance / others' after W_O", xticks=layers, yscale="log",
+              title="Fig. 7: variance ratio after W_O")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None) -> dict:
+    parser = script_parser(__doc__)
+    args = setup(parser.parse_args(argv), __file__)
+    model_cfg, train_cfg = profile_configs(args.profile)
+    model, _ = trained_model(args.profile, "softmax", args.seed, args.dataset, args.device, args.out_dir)
+    model.eval()
+    torch.manual_seed(args.seed)
+    init_model = GPT(model_cfg).to(args.device).eval()  # the same initialisation recipe, untrained
+    x, _ = args.dataset.windows("val", N_WINDOWS, train_cfg.bos, torch.Generator().manual_seed(args.seed))  # (N, T)
+    x_random = random_token_windows(N_WINDOWS, model_cfg.block_size, train_cfg.bos,
+                                    torch.Generator().manual_seed(args.seed + 1))
+
+    # Fig. 1: the variance of layer 0's head outputs by position, three cases.
+    by_case = {"init": layer0_variance(init_model, x, args.device),
+               "trained": layer0_variance(model, x, args.device),
+               "random_tokens": layer0_variance(model, x_random, args.device)}
+    ratio = {case: variance_ratio_token0(torch.tensor(v["within_token"])) for case, v in by_case.items()}
+
+    # Fig. 3 and 7: layer by layer, on the trained model and text.
+    names = ["blocks.*.hook_resid_in", "blocks.*.attn.hook_pattern", "blocks.*.attn.hook_head_out_post",
+             "blocks.*.attn.hook_out"]
+    with torch.no_grad(), model.hooks(record=names) as cache:
+        model(x.to(args.device))
+    layers = list(range(model_cfg.n_layer))
+    attention = [float(first_token_attention(cache[f"blocks.{i}.attn.hook_pattern"]).mean()) for i in layers]
+    norms = [cache[f"blocks.{i}.hook_resid_in"].norm(dim=-1) for i in layers]  # each (N, T)
+    norm0, norm_others = [float(n[:, 0].mean()) for n in norms], [float(n[:, 1:].mean()) for n in norms]
+    taus, post_ratio = [], []
+    for i in layers:
+        column_norm = model.blocks[i].attn.wo.weight.detach().float().cpu().norm(dim=0)  # (C,): one per W_O input
+        taus.append(kendall_tau_b(column_norm.numpy(), token0_dimension_spread(cache[f"blocks.{i}.attn.hook_head_out_post"]).numpy()))
+        post_ratio.append(within_token_variance_ratio(cache[f"blocks.{i}.attn.hook_out"]))
+
+    metrics = {
+        "n_windows": N_WINDOWS,
+        "var_by_position_init": by_case["init"],
+        "var_by_position_trained": by_case["trained"],
+        "var_by_position_random_tokens": by_case["random_tokens"],
+        "var_ratio_token0": ratio,
+        "var_ratio_reading": "within_token",
+        "first_token_attention_by_layer": attention,
+        "first_token_norm_by_layer": norm0,
+        "other_token_norm_by_layer": norm_others,
+        "wo_kendall_tau_by_layer": taus,
+        "post_wo_var_ratio_by_layer": post_ratio,
+    }
+    write_metrics(metrics, args.script_dir)
+    plot_variance(by_case, os.path.join(args.script_dir, "fig1_variance_by_position.png"))
+    plot_attention_and_norm(layers, attention, norm0, norm_others, os.path.join(args.script_dir, "fig3_attention_and_norm.png"))
+    plot_wo(layers, taus, post_ratio, os.path.join(args.script_dir, "fig7_wo_keeps_variance.png"))
+
+    print(f"{args.profile} model, {N_WINDOWS} held-out windows and {N_WINDOWS} random-token windows; "
+          f"layer-0 head outputs, variance at position 0 vs mean at t >= 1")
+    rows = []
+    for case in CASES:
+        within, across = by_case[case]["within_token"], by_case[case]["across_sequences"]
+        rows.append([case, within[0], float(np.mean(within[1:])), ratio[case], across[0], float(np.mean(across[1:]))])
+    print_table(rows, ["case", "within tok 0", "t >= 1", "ratio", "across seq 0", "t >= 1"])
+    print("(the ratio uses the within-token reading: with BOS, token 0's across-sequences variance is 0)\n")
+    norm_ratio = [a / b for a, b in zip(norm0, norm_others)]
+    print_table([[i, attention[i], norm0[i], norm_others[i], norm_ratio[i], taus[i], post_ratio[i]] for i in layers],
+                ["layer", "attn to 0", "norm 0", "norm others", "0/others", "W_O tau", "var ratio after W_O"])
+    spike = next((i for i in layers if norm_ratio[i] > SPIKE_NORM_RATIO), None)
+    sink = next((i for i in layers if attention[i] >= SINK_THRESHOLD), None)
+    print(f"\nfirst layer with token 0's norm > {SPIKE_NORM_RATIO:g}x the others': {spike}; "
+          f"first layer with attention to token 0 >= {SINK_THRESHOLD}: {sink}"
+          + ("" if spike is not None and sink is not None else " (None: not reached in this model)"))
+    return metrics
+
+
+if __name__ == "__main__":
+    run_script(main)

@@ -1,0 +1,234 @@
+"""
+02 - Super neurons and the channel-sparse down-projection (paper §4.2; Fig. 8, 9, 10).
+
+Claim. A few hidden units of the early SwiGLU FFNs have much larger weight-row L2 norms in
+W_gate and W_up than the rest ("super neurons", Fig. 8; Llama-2 layer 1, unit 7890). Token 0's
+normalised FFN input points along such a unit's W_gate row, so it alone gets a massive
+activation while later tokens are suppressed (Fig. 9). The unit's W_down column is
+heavy-tailed: the activation lands in a handful of residual dimensions, which become token
+0's massive dimensions (Fig. 10; Llama-2 dimension 2533).
+
+What this script measures, on 64 held-out windows:
+  - per layer, the row L2 norms of W_gate and W_up for every hidden unit and their z-scores
+    over the layer's units. Rule: a unit is a super neuron when z >= 3 in both W_gate and
+    W_up. The top super neuron is the unit of layer 0 or 1 with the largest z(W_gate) + z(W_up),
+    the rule 04 uses; it is listed even when it misses z >= 3 (then `rule_met` is false);
+  - the cross-check by activation (Yu et al. 2024, super weights): per layer, the unit with
+    the largest mean |activation| on token 0, i.e. the argmax input channel of W_down on
+    token 0 (blocks.{i}.mlp.hook_hidden); whether it is the top super neuron;
+  - token0_activation_ratio: mean |activation| of the unit on token 0 over its mean on t >= 1;
+  - for the top super neuron, per position: the cosine between the normalised FFN input
+    mlp_norm(resid_in + attention output) and the unit's W_gate row (= the gate pre-activation
+    hook_gate divided by both norms), and the raw activation (Fig. 9);
+  - its W_down column: sorted magnitudes, kurtosis (Pearson: 3 for a Gaussian), the top 3
+    output dimensions, and token 0's 3 massive dimensions: the largest mean |x_i| of token
+    0's residual stream right after that layer. massive_dims_match: the largest |W_down|
+    entry is one of token 0's massive dimensions (Fig. 10).
+A small model may show none of this; the script prints its numbers and says so.
+
+Run:  python 02_super_neurons.py [--quick]      (figures and metrics.json in out/02_super_neurons/)
+
+Exercises (cpu profile; each takes seconds once the model is cached)
+  1. Reading. `kurtosis` is E[(x - mean)^4] / var^2. What is it for a one-hot column of
+     n_embd = 64 entries (the most heavy-tailed column there is), and for a Gaussian one?
+     Check that `wdown_column_kurtosis` lies below the first.
+  2. Predicting. With a BOS token every window's token 0 is the same token. Before running,
+     predict `cosine_std_token0` (the spread over windows of token 0's cosine with the
+     W_gate row) and whether `cosine_std_others` is larger; check in metrics.json.
+  3. Changing code. Add a flag `--z_threshold` that replaces SUPER_Z. Predict how the number
+     of entries of `super_neurons` with `rule_met` changes from `--z_threshold 3` to
+     `--z_threshold 2`, then run both.
+  4. Changing code. Add a flag `--ablate` that zeroes the top super neuron's activation
+     (edit `blocks.{layer}.mlp.hook_hidden`, unit `top_super_neuron["unit"]`, to 0) in the
+     forward pass that records the residual stream. Predict, then check, what happens to
+     `token0_massive_ratio` (token 0's max|x| / median|x| right after that layer).
+"""
+import matplotlib
+
+matplotlib.use("Agg")
+import os
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model import (massive_activation_ratio, print_table, profile_configs, run_script, script_parser, setup,
+                   trained_model, write_metrics)
+
+N_WINDOWS = 64  # held-out windows for every measure
+SUPER_Z = 3.0  # a super neuron: row-norm z-score >= SUPER_Z in both W_gate and W_up
+TOP_DIMS = 3  # how many output dimensions count as "top" and as "massive"
+
+
+# ----------------------------------------------------------------------------- measures
+
+def zscore(values):
+    """(n,) -> (n,): (v - mean) / std over the n values."""
+    return (values - values.mean()) / values.std().clamp_min(1e-12)
+
+
+def row_norm_zscores(mlp):
+    """(z of W_gate row norms, z of W_up row norms), each (ffn_dim,): one per hidden unit."""
+    return tuple(zscore(w.weight.detach().float().cpu().norm(dim=1)) for w in (mlp.w_gate, mlp.w_up))
+
+
+def kurtosis(x):
+    """Pearson's kurtosis E[(x - mean)^4] / var^2 of a 1-D tensor (population moments): 3 for a Gaussian."""
+    centred = x.double() - x.double().mean()
+    return float(centred.pow(4).mean() / centred.pow(2).mean().pow(2).clamp_min(1e-300))
+
+
+def activation_ratio(hidden, unit):
+    """(N, T, ffn) activations -> mean |activation| of `unit` on token 0 over its mean on t >= 1."""
+    a = hidden[..., unit].abs()
+    return float(a[:, 0].mean() / a[:, 1:].mean().clamp_min(1e-12))
+
+
+def gate_cosine(gate, normed_input, gate_row):
+    """Cosine between each normalised FFN input (N, T, C) and a W_gate row (C,), from the
+    recorded pre-activation gate (N, T) = normed_input @ gate_row."""
+    return gate / (normed_input.norm(dim=-1) * gate_row.norm()).clamp_min(1e-12)
+
+
+# ----------------------------------------------------------------------------- figures
+
+def plot_row_norms(norms, supers, path):
+    n_layer = len(norms)
+    fig, axes = plt.subplots(1, n_layer, figsize=(4.5 * n_layer, 4), squeeze=False)
+    for layer, ax in enumerate(axes[0]):
+        gate, up = norms[layer]
+        ax.scatter(gate, up, s=6, color="tab:gray", label="hidden units")
+        for s in (s for s in supers if s["layer"] == layer):
+            ax.scatter(gate[s["unit"]], up[s["unit"]], s=40, color="tab:red")
+            ax.annotate(str(s["unit"]), (gate[s["unit"]], up[s["unit"]]), fontsize=8)
+        ax.set(xlabel="W_gate row L2 norm", ylabel="W_up row L2 norm", title=f"Fig. 8: layer {layer}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_selectivity(cosine, activation, neuron, path):
+    positions = np.arange(len(cosine))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    colors = ["tab:red"] + ["tab:blue"] * (len(cosine) - 1)
+    left.bar(positions, cosine, color=colors)
+    left.set(xlabel="position t", ylabel="cos(normalised FFN input, W_gate row)",
+             title=f"Fig. 9: layer {neuron['layer']} unit {neuron['unit']}, alignment")
+    right.bar(positions, activation, color=colors)
+    right.set(xlabel="position t", ylabel="activation silu(gate) * up (mean over windows)",
+              title="Fig. 9: activation (token 0 in red)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_wdown(sorted_magnitudes, kurt, top_dims, massive, path):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(np.arange(len(sorted_magnitudes)), sorted_magnitudes, "o-", markersize=3)
+    ax.set(xlabel="rank", ylabel="|W_down column entry|",
+           title=f"Fig. 10: super neuron's W_down column (kurtosis {kurt:.1f})")
+    ax.text(0.35, 0.8, f"top output dims {top_dims}\ntoken 0's massive dims {massive}", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None) -> dict:
+    parser = script_parser(__doc__)
+    args = setup(parser.parse_args(argv), __file__)
+    model_cfg, train_cfg = profile_configs(args.profile)
+    model, _ = trained_model(args.profile, "softmax", args.seed, args.dataset, args.device, args.out_dir)
+    model.eval()
+    x, _ = args.dataset.windows("val", N_WINDOWS, train_cfg.bos, torch.Generator().manual_seed(args.seed))  # (N, T)
+    layers = list(range(model_cfg.n_layer))
+    names = ["blocks.*.hook_resid_in", "blocks.*.attn.hook_out", "blocks.*.mlp.hook_gate", "blocks.*.mlp.hook_hidden",
+             "hook_resid_final"]
+    with torch.no_grad(), model.hooks(record=names) as cache:
+        model(x.to(args.device))
+
+    # Fig. 8: super neurons by weight, and the cross-check by activation on token 0.
+    zs = [row_norm_zscores(model.blocks[i].mlp) for i in layers]
+    hidden = [cache[f"blocks.{i}.mlp.hook_hidden"] for i in layers]  # each (N, T, ffn)
+    argmax_by_layer = [int(h[:, 0].abs().mean(0).argmax()) for h in hidden]
+    candidates = [i for i in layers if i < 2]  # as 04: the top super neuron sits in layer 0 or 1
+    top_layer = max(candidates, key=lambda i: float((zs[i][0] + zs[i][1]).max()))
+    top_unit = int((zs[top_layer][0] + zs[top_layer][1]).argmax())
+
+    def entry(layer, unit):
+        z_gate, z_up = zs[layer]
+        return dict(layer=layer, unit=unit, gate_norm_z=float(z_gate[unit]), up_norm_z=float(z_up[unit]),
+                    token0_activation_ratio=activation_ratio(hidden[layer], unit),
+                    rule_met=bool(z_gate[unit] >= SUPER_Z and z_up[unit] >= SUPER_Z))
+
+    units = {(i, int(u)) for i in layers for u in torch.nonzero((zs[i][0] >= SUPER_Z) & (zs[i][1] >= SUPER_Z)).flatten()}
+    units.add((top_layer, top_unit))
+    supers = sorted((entry(*lu) for lu in units), key=lambda s: -(s["gate_norm_z"] + s["up_norm_z"]))
+    top = entry(top_layer, top_unit)
+
+    # Fig. 9: token 0's alignment with the top super neuron's W_gate row, and its activation.
+    block = model.blocks[top_layer]
+    with torch.no_grad():
+        after_attention = cache[f"blocks.{top_layer}.hook_resid_in"] + cache[f"blocks.{top_layer}.attn.hook_out"]
+        normed = block.mlp_norm(after_attention.to(args.device)).float().cpu()  # (N, T, C): the FFN's input
+    gate_row = block.mlp.w_gate.weight[top_unit].detach().float().cpu()  # (C,)
+    cosine = gate_cosine(cache[f"blocks.{top_layer}.mlp.hook_gate"][..., top_unit], normed, gate_row)  # (N, T)
+    activation = hidden[top_layer][..., top_unit]  # (N, T)
+
+    # Fig. 10: its W_down column against token 0's massive dimensions right after the layer.
+    column = block.mlp.w_down.weight[:, top_unit].detach().float().cpu()  # (C,)
+    sorted_magnitudes, order = column.abs().sort(descending=True)
+    top_dims = order[:TOP_DIMS].tolist()
+    after_name = f"blocks.{top_layer + 1}.hook_resid_in" if top_layer + 1 < model_cfg.n_layer else "hook_resid_final"
+    token0_after = cache[after_name][:, 0]  # (N, C)
+    massive = token0_after.abs().mean(0).argsort(descending=True)[:TOP_DIMS].tolist()
+
+    metrics = {
+        "n_windows": N_WINDOWS,
+        "super_z_threshold": SUPER_Z,
+        "super_neurons": supers,
+        "top_super_neuron": top,
+        "activation_argmax_unit_by_layer": argmax_by_layer,
+        "activation_argmax_agrees": argmax_by_layer[top_layer] == top_unit,
+        "cosine_by_position": cosine.mean(0).tolist(),
+        "activation_by_position": activation.mean(0).tolist(),
+        "cosine_token0": float(cosine[:, 0].mean()),
+        "cosine_others": float(cosine[:, 1:].mean()),
+        "cosine_std_token0": float(cosine[:, 0].std()),
+        "cosine_std_others": float(cosine[:, 1:].std(dim=0).mean()),
+        "wdown_column_sorted": sorted_magnitudes.tolist(),
+        "wdown_column_kurtosis": kurtosis(column),
+        "wdown_top_dims": top_dims,
+        "massive_dims": massive,
+        "massive_dims_match": top_dims[0] in massive,
+        "token0_massive_ratio": float(massive_activation_ratio(token0_after).mean()),
+    }
+    write_metrics(metrics, args.script_dir)
+    norms = [tuple(w.weight.detach().float().cpu().norm(dim=1).numpy() for w in (model.blocks[i].mlp.w_gate,
+                                                                               model.blocks[i].mlp.w_up)) for i in layers]
+    plot_row_norms(norms, supers, os.path.join(args.script_dir, "fig8_row_norms.png"))
+    plot_selectivity(metrics["cosine_by_position"], metrics["activation_by_position"], top,
+                     os.path.join(args.script_dir, "fig9_selective_activation.png"))
+    plot_wdown(metrics["wdown_column_sorted"], metrics["wdown_column_kurtosis"], top_dims, massive,
+               os.path.join(args.script_dir, "fig10_wdown_column.png"))
+
+    print(f"{args.profile} model, {N_WINDOWS} held-out windows; rule: row-norm z >= {SUPER_Z:g} in both W_gate and "
+          f"W_up (the top unit of layer 0 or 1 by z sum is listed in any case)")
+    print_table([[s["layer"], s["unit"], s["gate_norm_z"], s["up_norm_z"], s["token0_activation_ratio"],
+                  "yes" if s["rule_met"] else "no", argmax_by_layer[s["layer"]]] for s in supers],
+                ["layer", "unit", "z W_gate", "z W_up", "|act| 0/others", "rule met", "argmax |act| on token 0"])
+    print(f"\ntop super neuron: layer {top_layer} unit {top_unit}; Yu et al.'s argmax on token 0 in that layer: "
+          f"unit {argmax_by_layer[top_layer]} ({'agrees' if metrics['activation_argmax_agrees'] else 'disagrees'})\n")
+    print_table([["cos(FFN input, W_gate row)", metrics["cosine_token0"], metrics["cosine_others"]],
+                 ["activation", float(activation[:, 0].mean()), float(activation[:, 1:].mean())]],
+                ["Fig. 9", "token 0", "t >= 1 (mean)"])
+    print(f"\nW_down column: kurtosis {metrics['wdown_column_kurtosis']:.3g} (Gaussian: 3), top output dims {top_dims}; "
+          f"token 0's massive dims after layer {top_layer}: {massive} (max/median {metrics['token0_massive_ratio']:.3g}); "
+          f"match: {metrics['massive_dims_match']}")
+    return metrics
+
+
+if __name__ == "__main__":
+    run_script(main)

@@ -1,0 +1,163 @@
+"""Tests of 01_variance.py and 02_super_neurons.py: the scripts through main(["--quick"]),
+their measures on inputs with known answers, and (group `claims`) the paper's claims on the
+trained cpu-profile model."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from conftest import ROOT, load_script
+
+variance = load_script("01_variance.py")
+super_neurons = load_script("02_super_neurons.py")
+
+KEYS = {
+    "01_variance": ["var_by_position_init", "var_by_position_trained", "var_by_position_random_tokens",
+                    "var_ratio_token0", "first_token_attention_by_layer", "first_token_norm_by_layer",
+                    "other_token_norm_by_layer", "wo_kendall_tau_by_layer", "post_wo_var_ratio_by_layer"],
+    "02_super_neurons": ["super_neurons", "wdown_column_kurtosis", "massive_dims", "massive_dims_match"],
+}
+SCRIPTS = {"01_variance": variance, "02_super_neurons": super_neurons}
+
+
+def numbers_in(value):
+    """Every int or float inside nested dicts and lists."""
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in numbers_in(v)]
+    if isinstance(value, list):
+        return [n for v in value for n in numbers_in(v)]
+    return [value] if isinstance(value, (int, float)) else []
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """Both scripts on the tiny profile, sharing one out dir, so the tiny model trains once."""
+    out = tmp_path_factory.mktemp("out")
+    return out, {name: script.main(["--quick", "--out_dir", str(out)]) for name, script in SCRIPTS.items()}
+
+
+# ----------------------------------------------------------------------------- the scripts, --quick
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_quick_run_writes_every_key_figures_and_finite_numbers(quick, name):
+    out, results = quick
+    folder = out / name
+    on_disk = json.loads((folder / "metrics.json").read_text())
+    assert on_disk == results[name]
+    assert set(KEYS[name]) <= set(on_disk), set(KEYS[name]) - set(on_disk)
+    assert all(math.isfinite(n) for n in numbers_in(on_disk))
+    figures = list(folder.glob("*.png"))
+    assert len(figures) == 3 and all(f.stat().st_size > 0 for f in figures)
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_same_seed_gives_identical_metrics(quick, name):
+    out, results = quick
+    assert SCRIPTS[name].main(["--quick", "--out_dir", str(out)]) == results[name]
+
+
+def test_quick_01_shapes(quick):
+    metrics = quick[1]["01_variance"]
+    T, n_layer = 32, 2  # the tiny profile
+    for case in ("init", "trained", "random_tokens"):
+        assert set(metrics[f"var_by_position_{case}"]) == {"across_sequences", "within_token"}
+        assert all(len(v) == T for v in metrics[f"var_by_position_{case}"].values())
+        assert metrics[f"var_by_position_{case}"]["across_sequences"][0] == pytest.approx(0, abs=1e-12)  # BOS
+    assert set(metrics["var_ratio_token0"]) == {"init", "trained", "random_tokens"}
+    for key in ("first_token_attention_by_layer", "first_token_norm_by_layer", "other_token_norm_by_layer",
+                "wo_kendall_tau_by_layer", "post_wo_var_ratio_by_layer"):
+        assert len(metrics[key]) == n_layer
+    assert all(-1 <= t <= 1 for t in metrics["wo_kendall_tau_by_layer"])
+
+
+def test_quick_02_shapes(quick):
+    metrics = quick[1]["02_super_neurons"]
+    assert len(metrics["super_neurons"]) >= 1
+    assert set(metrics["super_neurons"][0]) >= {"layer", "unit", "gate_norm_z", "up_norm_z", "token0_activation_ratio"}
+    assert len(metrics["massive_dims"]) == 3 and isinstance(metrics["massive_dims_match"], bool)
+    assert len(metrics["cosine_by_position"]) == 32
+    assert all(-1 - 1e-5 <= c <= 1 + 1e-5 for c in metrics["cosine_by_position"])
+
+
+# ----------------------------------------------------------------------------- measures, known answers
+
+def test_kendall_tau_b_hand_cases():
+    assert variance.kendall_tau_b([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(4 / 6)  # 5 concordant, 1 discordant
+    assert variance.kendall_tau_b([1, 2, 3], [3, 2, 1]) == pytest.approx(-1)
+    # ties: x has the tied pair (1, 2); 5 concordant, 0 discordant; tau-b = 5 / sqrt(5 * 6)
+    assert variance.kendall_tau_b([1, 1, 2, 3], [1, 2, 3, 4]) == pytest.approx(5 / math.sqrt(30))
+
+
+def test_variance_ratio_and_dimension_spread():
+    assert variance.variance_ratio_token0(torch.tensor([4.0, 1.0, 3.0])) == pytest.approx(2.0)
+    head_out = torch.zeros(3, 2, 5, 4)  # (N, H, T, hd)
+    head_out[:, 1, 0] = torch.tensor([1.0, -1.0, 1.0, -1.0])  # head 1, token 0: mean 0, squared deviation 1
+    spread = variance.token0_dimension_spread(head_out)
+    assert spread.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]  # W_O's input order: h * hd + d
+
+
+def test_kurtosis_and_gate_cosine():
+    one_hot = torch.nn.functional.one_hot(torch.tensor(0), 64).double()
+    p = 1 / 64
+    assert super_neurons.kurtosis(one_hot) == pytest.approx((1 - 6 * p * (1 - p)) / (p * (1 - p)) + 3)
+    assert super_neurons.kurtosis(torch.tensor([1.0, -1.0] * 8)) == pytest.approx(1.0)
+    row, inputs = torch.randn(8), torch.randn(2, 3, 8)
+    cosine = super_neurons.gate_cosine(inputs @ row, inputs, row)
+    torch.testing.assert_close(cosine, torch.nn.functional.cosine_similarity(inputs, row.expand_as(inputs), dim=-1))
+
+
+def test_activation_ratio():
+    hidden = torch.ones(2, 4, 3)
+    hidden[:, 0, 1] = -20.0
+    assert super_neurons.activation_ratio(hidden, 1) == pytest.approx(20.0)
+    assert super_neurons.activation_ratio(hidden, 0) == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------- claims (cpu profile)
+
+OUT = os.path.join(ROOT, "out")  # the cpu model is trained once and cached in out/checkpoints
+
+
+@pytest.fixture(scope="module")
+def cpu_01():
+    return variance.main(["--profile", "cpu", "--out_dir", OUT])
+
+
+@pytest.fixture(scope="module")
+def cpu_02():
+    return super_neurons.main(["--profile", "cpu", "--out_dir", OUT])
+
+
+@pytest.mark.claims
+@pytest.mark.parametrize("case", [
+    "init",
+    pytest.param("trained", marks=pytest.mark.xfail(reason=(
+        "cpu model measured 0.060: its layer 0 already parks attention on BOS (0.39) and has learnt a small BOS "
+        "value, so token 0's head output has less within-token variance than the others'"), strict=False)),
+    pytest.param("random_tokens", marks=pytest.mark.xfail(reason=(
+        "cpu model measured 0.066: the same small BOS value as on text"), strict=False)),
+])
+def test_claim_token0_variance_above_the_others(cpu_01, case):
+    ratio = cpu_01["var_ratio_token0"][case]
+    assert ratio > 1, f"var_ratio_token0[{case!r}] (within-token reading, layer 0) = {ratio:.3f}"
+
+
+@pytest.mark.claims
+def test_claim_sink_follows_the_norm_spike_within_one_layer(cpu_01):
+    attention, norm0, others = (cpu_01[k] for k in ("first_token_attention_by_layer", "first_token_norm_by_layer",
+                                                    "other_token_norm_by_layer"))
+    ratios = [a / b for a, b in zip(norm0, others)]
+    spike = next((i for i, r in enumerate(ratios) if r > 2), None)
+    sink = next((i for i, a in enumerate(attention) if a >= 0.3), None)
+    assert spike is not None, f"token 0's norm never exceeds 2x the others' (ratios by layer: {ratios})"
+    assert sink is not None, f"attention to token 0 never reaches 0.3 (by layer: {attention})"
+    assert sink <= spike + 1, f"first sink layer {sink} (attention {attention}) vs first spike layer {spike} ({ratios})"
+
+
+@pytest.mark.claims
+def test_claim_a_super_neuron_fires_10x_on_token0(cpu_02):
+    best = max(cpu_02["super_neurons"], key=lambda s: s["token0_activation_ratio"])
+    assert best["token0_activation_ratio"] >= 10, (
+        f"largest token0_activation_ratio {best['token0_activation_ratio']:.2f} (layer {best['layer']} unit {best['unit']})")
