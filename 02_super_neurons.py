@@ -51,7 +51,6 @@ import os
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from model import (massive_activation_ratio, print_table, profile_configs, run_script, script_parser, setup,
                    trained_model, write_metrics)

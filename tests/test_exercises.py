@@ -1,0 +1,180 @@
+"""Checks of the exercises at the end of each script's docstring that have a definite,
+measurable answer, on the cpu profile (the model cached in out/checkpoints; the first check
+trains it if needed). A teacher runs them on a student's copy:  pytest -m exercises
+A check of code the student has to write skips with "not implemented yet" until it exists."""
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch.testing import assert_close
+
+from conftest import ROOT, load_script
+from model import ATTENTION_VARIANTS, GPT, profile_configs, random_token_windows, variance_by_position
+
+pytestmark = pytest.mark.exercises
+OUT = os.path.join(ROOT, "out")
+
+
+def run(filename, *flags):
+    return load_script(filename).main(["--profile", "cpu", "--out_dir", OUT, *flags])
+
+
+def require(filename, text):
+    """Skip until the student's code (`text`, e.g. '"--ablate"' as add_argument spells it) is in the script.
+    The flags' names in quotes, since the docstrings name them in backticks."""
+    if text not in open(os.path.join(ROOT, filename)).read():
+        pytest.skip("not implemented yet")
+
+
+# ----------------------------------------------------------------------------- 01 and 02
+
+def test_01_exercise_1_across_sequences_variance_of_bos_is_zero():
+    metrics = run("01_variance.py")
+    for case in ("init", "trained", "random_tokens"):  # BOS at position 0 in all three
+        assert metrics[f"var_by_position_{case}"]["across_sequences"][0] == pytest.approx(0, abs=1e-12)
+
+
+def test_01_exercise_2_uniform_attention_prediction_bounds_the_init_ratio():
+    T = profile_configs("cpu")[0].block_size
+    predicted = 1 / np.mean([1 / (t + 1) for t in range(1, T)])  # about 16.8 for T = 64
+    ratio = run("01_variance.py")["var_ratio_token0"]["init"]
+    # above 1 (token 0 cannot average), below the i.i.d. prediction: neighbouring bytes repeat, so averages keep variance
+    assert 1 < ratio < predicted
+
+
+def test_01_exercise_3_random_tokens_without_bos_vary_most_at_position_0():
+    require("01_variance.py", '"--random_without_bos"')
+    across = run("01_variance.py", "--random_without_bos")["var_by_position_random_tokens"]["across_sequences"]
+    assert across[0] > np.mean(across[1:])
+
+
+def test_01_exercise_4_kendall_tau_of_itself_and_its_reverse():
+    kendall_tau_b = load_script("01_variance.py").kendall_tau_b
+    x = np.random.default_rng(0).normal(size=20)
+    assert kendall_tau_b(x, x) == pytest.approx(1)
+    assert kendall_tau_b(x, -x) == pytest.approx(-1)  # -x ranks x in reverse
+
+
+def test_02_exercise_1_kurtosis_is_at_most_the_one_hot_value():
+    n_embd = profile_configs("cpu")[0].n_embd
+    kurtosis = load_script("02_super_neurons.py").kurtosis
+    one_hot = kurtosis(torch.nn.functional.one_hot(torch.tensor(0), n_embd).double())
+    assert one_hot == pytest.approx(62.02, abs=0.01)  # (n^2 - 3n + 3) / (n - 1) for n = 64
+    assert kurtosis(torch.randn(100000)) == pytest.approx(3, abs=0.1)
+    assert run("02_super_neurons.py")["wdown_column_kurtosis"] <= one_hot
+
+
+def test_02_exercise_2_token0_cosine_is_the_same_in_every_window():
+    metrics = run("02_super_neurons.py")
+    assert metrics["cosine_std_token0"] == pytest.approx(0, abs=1e-5)
+    assert metrics["cosine_std_others"] > metrics["cosine_std_token0"]
+
+
+def test_02_exercise_3_a_lower_threshold_marks_at_least_as_many_super_neurons():
+    require("02_super_neurons.py", '"--z_threshold"')
+    count = {z: sum(s["rule_met"] for s in run("02_super_neurons.py", "--z_threshold", z)["super_neurons"])
+             for z in ("3", "2")}
+    assert count["2"] >= count["3"]
+
+
+def test_02_exercise_4_ablating_the_super_neuron_removes_token0s_massive_activation():
+    require("02_super_neurons.py", '"--ablate"')
+    before = run("02_super_neurons.py")["token0_massive_ratio"]
+    after = run("02_super_neurons.py", "--ablate")["token0_massive_ratio"]
+    assert after < before
+
+
+# ----------------------------------------------------------------------------- 03 and 04
+
+def test_03_exercise_1_dominance_ratio_is_at_most_n_embd():
+    n_embd = profile_configs("cpu")[0].n_embd
+    metrics = run("03_dimension_disparity.py")
+    assert max(metrics["dominance_ratio_token0_by_layer"]) <= n_embd  # reached only by a one-hot vector
+
+
+def test_03_exercise_2_on_bos_windows_token0_has_one_direction():
+    require("03_dimension_disparity.py", '"--direction_on_bos"')
+    metrics = run("03_dimension_disparity.py", "--direction_on_bos")
+    assert all(c == pytest.approx(1, abs=1e-4) for c in metrics["token0_direction_cosine_by_layer"])
+
+
+def test_04_exercise_1_lambda_one_is_the_baseline():
+    metrics = run("04_interventions.py")
+    k = metrics["k"]
+    for key in ("attention_to_k_variance", "attention_to_k_norm_control"):
+        assert metrics[key][0] == pytest.approx(metrics["attention_received_baseline"][k], abs=1e-5)
+
+
+def test_04_exercise_2_with_k_20_the_sink_is_at_20():
+    metrics = run("04_interventions.py", "--k", "20")
+    received = metrics["attention_received_masked"]
+    assert metrics["k"] == 20
+    assert max(range(1, len(received)), key=received.__getitem__) == 20
+    assert metrics["sink_moved_to_k"]
+
+
+def test_04_exercise_4_mean_ablation_of_the_super_neuron_weakens_the_sink():
+    require("04_interventions.py", '"--mean_ablate"')
+    before = run("04_interventions.py")["attention_received_baseline"][0]
+    after = run("04_interventions.py", "--mean_ablate")["attention_received_baseline"][0]
+    assert after < before
+
+
+# ----------------------------------------------------------------------------- 05
+
+pretrain = load_script("05_pretrain_headwise.py")
+
+
+def head_outputs(model, x, layer=0):
+    """The recorded input of W_O in `layer` (B, H, T, hd) for windows x."""
+    with torch.no_grad(), model.hooks(record=f"blocks.{layer}.attn.hook_head_out_post") as cache:
+        model(x)
+    return cache[f"blocks.{layer}.attn.hook_head_out_post"]
+
+
+def test_exercise_1_steps_to_reach_interpolates():
+    steps, losses = [0, 10, 20], [3.0, 2.0, 1.0]
+    reached = pretrain.steps_to_reach(steps, losses, 1.5)
+    if reached == 20:
+        pytest.skip("not implemented yet: steps_to_reach still returns an evaluated step")
+    assert reached == pytest.approx(15)  # halfway between the evaluations at 10 (loss 2) and 20 (loss 1)
+    assert pretrain.steps_to_reach(steps, losses, 3.0) == pytest.approx(0)
+    assert pretrain.steps_to_reach(steps, losses, 0.5) is None
+
+
+@pytest.mark.parametrize("attn", ATTENTION_VARIANTS)
+def test_exercise_2_token0_is_the_same_in_every_bos_window(attn):
+    """The answer: 0. Token 0 is BOS in every window and sees only itself, so its output never varies."""
+    model_cfg, train_cfg = profile_configs("cpu", attn)
+    x = random_token_windows(8, model_cfg.block_size, train_cfg.bos, torch.Generator().manual_seed(0))
+    across_sequences, _ = variance_by_position(head_outputs(GPT(model_cfg), x))  # (T,)
+    assert float(across_sequences[0]) < 1e-12
+    assert float(across_sequences[1:].min()) > 1e-8  # the other positions do vary
+
+
+def test_exercise_3_headwise_layernorm_gives_mean_0_and_variance_1(tiny_config):
+    model = GPT(dataclasses.replace(tiny_config, attn="headwise"))
+    with torch.no_grad():
+        model.blocks[0].attn.head_norm_gain.fill_(1.0)  # look at the normalisation alone
+    normalised = head_outputs(model, torch.randint(256, (4, 16)))  # (B, H, T, hd)
+    mean = normalised.mean(-1)  # (B, H, T)
+    if mean.abs().max() > 1e-3:
+        pytest.skip("not implemented yet: the head-wise norm does not subtract each head vector's mean")
+    assert_close(mean, torch.zeros_like(mean), rtol=0, atol=1e-4)
+    variance = normalised.var(-1, unbiased=False)
+    assert_close(variance, torch.ones_like(variance), rtol=0, atol=1e-2)  # up to eps / variance
+
+
+def test_exercise_4_headwise_starts_at_the_baselines_size():
+    headwise_cfg, train_cfg = profile_configs("cpu", "headwise")
+    if (GPT(headwise_cfg).blocks[0].attn.head_norm_gain == 1).all():
+        pytest.skip("not implemented yet: head_norm_gain still starts at 1")
+    x = random_token_windows(16, headwise_cfg.block_size, train_cfg.bos, torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    baseline = head_outputs(GPT(profile_configs("cpu", "softmax")[0]), x)
+    torch.manual_seed(0)
+    headwise = head_outputs(GPT(headwise_cfg), x)
+    ratio = float(headwise.pow(2).mean().sqrt() / baseline.pow(2).mean().sqrt())  # RMS of W_O's input at init
+    assert 0.5 <= ratio <= 2, f"head-wise RMS / baseline RMS at init: {ratio:.2f}"
