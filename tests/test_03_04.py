@@ -187,18 +187,21 @@ def cpu_04():
 
 
 @pytest.mark.claims
+@pytest.mark.xfail(reason="cpu model measured: token 0's dominance ratio is at most 3.8x the others' (layers 0-2: 3.8, 3.2, 3.3)")
 def test_claim_token0_dominance_ratio_10x_the_others_in_some_layer(cpu_03):
     ratios = [a / b for a, b in zip(cpu_03["dominance_ratio_token0_by_layer"], cpu_03["dominance_ratio_others_by_layer"])]
     assert max(ratios) >= 10, f"token 0's dominance ratio is at most {max(ratios):.2f}x the others' (layers: {ratios})"
 
 
 @pytest.mark.claims
+@pytest.mark.xfail(reason="cpu model measured: token 0's direction cosine is 0.79 and 0.46 in layers 1 and 2 (from the norm spike at layer 1 on)")
 def test_claim_token0_direction_fixed_after_the_spike(cpu_03):
     after = cpu_03["token0_direction_cosine_by_layer"][cpu_03["spike_layer"]:]
     assert min(after) >= 0.9, f"token 0's direction cosine from the spike layer {cpu_03['spike_layer']} on: {after}"
 
 
 @pytest.mark.claims
+@pytest.mark.xfail(reason="cpu model measured: with k = 10 masked, k receives 0.039 of attention and the argmax over positions >= 1 is at 61")
 def test_claim_mask_moves_the_sink_to_k(cpu_04):
     k, received = cpu_04["k"], cpu_04["attention_received_masked"]
     masked, baseline = received[k], cpu_04["attention_received_baseline"][k]
@@ -208,6 +211,7 @@ def test_claim_mask_moves_the_sink_to_k(cpu_04):
 
 
 @pytest.mark.claims
+@pytest.mark.xfail(reason="cpu model measured: attention to k at lambda = 32 is 0.036 (variance arm)")
 def test_claim_variance_amplification_makes_a_sink(cpu_04):
     attention = cpu_04["attention_to_k_variance"]
     steps = [b - a for a, b in zip(attention, attention[1:])]
@@ -216,6 +220,7 @@ def test_claim_variance_amplification_makes_a_sink(cpu_04):
 
 
 @pytest.mark.claims
+@pytest.mark.xfail(reason="cpu model measured: at lambda = 32 the norm control gives 0.031 and the variance arm 0.036, so the control is not below a third")
 def test_claim_norm_control_makes_no_sink(cpu_04):
     variance, control = cpu_04["attention_to_k_variance"][-1], cpu_04["attention_to_k_norm_control"][-1]
     assert control < variance / 3, f"at the largest lambda: norm control {control:.3f} vs variance arm {variance:.3f}"
