@@ -22,8 +22,10 @@ What this script measures, on 64 held-out windows (and 64 random-token windows):
   - per layer: the mean attention to token 0 (queries t >= 1, all heads), and the L2 norm of
     token 0's residual stream entering the block beside the others' mean (Fig. 3);
   - per layer: Kendall tau-b between the L2 norm of each W_O input column and token 0's
-    per-dimension spread at the W_O input, and the within-token variance ratio of token 0
-    to the others after W_O (blocks.{i}.attn.hook_out; Fig. 7).
+    per-dimension spread at the W_O input; the paper's reading of Fig. 7 (left) beside it:
+    one tau per W_O output row (|weights| of the row against the same spread), as a
+    distribution and its mean; and the within-token variance ratio of token 0 to the others
+    after W_O (blocks.{i}.attn.hook_out; Fig. 7, right).
 "Layer i" is the residual stream entering block i. A small model may not show every link;
 the script prints its numbers and says so.
 
@@ -33,17 +35,21 @@ Exercises (cpu profile; each takes seconds once the model is cached)
   1. Reading. `variance_by_position` (model.py) takes the across-sequences variance over
      dim 0 (the windows). Why is `var_by_position_trained["across_sequences"][0]` exactly 0,
      and in which of the three cases? Check all three in metrics.json.
-  2. Predicting. If every query attended uniformly to i.i.d. values, the variance at
-     position t would be var_0 / (t+1). Compute what this predicts for `var_ratio_token0`
-     with T = 64 (1 / mean over t = 1..63 of 1/(t+1)), then compare with the "init" entry.
-     Is the random-init model's attention uniform enough for the prediction to hold?
-  3. Changing code. Add a flag `--random_without_bos` that builds the random-token windows
-     with `random_token_windows(..., bos=False)`. Predict, then check, whether the
-     across-sequences variance of `var_by_position_random_tokens` at position 0 now stands
-     above its mean at positions >= 1.
-  4. Reading. `kendall_tau_b` counts concordant minus discordant pairs. What does it give for
+  2. Reading. `kendall_tau_b` counts concordant minus discordant pairs. What does it give for
      a vector against itself, and against its reverse? How would you read a
      `wo_kendall_tau_by_layer` entry of 0?
+  3. Predicting. If every query attended uniformly to independent values, the variance at
+     position t would be var_0 / (t+1). Compute what this predicts for `var_ratio_token0`
+     with T = 64 (1 / mean over t = 1..63 of 1/(t+1)), then compare with the "init" entry.
+     Which of the two readings in fig1's left panel falls off more like the dotted 1/(t+1)
+     line, and why might text (bytes repeat within a window) fall short of the prediction?
+  4. Changing code. Add a flag `--random_without_bos` that builds the random-token windows
+     with `random_token_windows(..., bos=False)` and adds a fourth case "init_random_tokens"
+     to `by_case`: the random-init model on those windows (its metrics key is then
+     `var_by_position_init_random_tokens`). Predict the across-sequences variance at
+     position 0 over its mean at t >= 1 for that case, run, and compare with exercise 3.
+     Then look at the trained model on the same windows (`var_by_position_random_tokens`):
+     is token 0 still the across-sequences outlier once it is an ordinary random byte?
 """
 import matplotlib
 
@@ -60,7 +66,7 @@ from model import (GPT, first_token_attention, print_table, profile_configs, ran
 N_WINDOWS = 64  # held-out windows (and random-token windows) for every measure
 SPIKE_NORM_RATIO = 2.0  # token 0's L2 norm over the others' mean that counts as the norm spike
 SINK_THRESHOLD = 0.3  # Gu et al.'s epsilon: mean attention to token 0 that makes it a sink
-CASES = ("init", "trained", "random_tokens")
+CASE_TITLES = {"init": "random init, text", "trained": "trained, text", "random_tokens": "trained, random tokens"}
 
 
 # ----------------------------------------------------------------------------- measures
@@ -96,29 +102,40 @@ def token0_dimension_spread(head_out):
     return spread.flatten()
 
 
+def wo_row_taus(wo_weight, spread):
+    """The paper's Fig. 7 (left): for each W_O output row (C_out, C_in), Kendall tau-b between
+    the |weights| of that row and token 0's spread over the C_in inputs -> (C_out,) list."""
+    return [kendall_tau_b(row, spread) for row in wo_weight.abs().numpy()]
+
+
 def layer0_variance(model, x, device):
-    """{"across_sequences": [...], "within_token": [...]} of layer 0's head outputs on windows x."""
+    """{"across_sequences": [...], "within_token": [...]} of layer 0's head outputs on windows x.
+    o_t = sum_{s <= t} A_ts v_s: token 0's output is v_0 alone, and uniform attention over
+    t + 1 independent values gives var(o_t) = var(v) / (t + 1) (paper §3)."""
     with torch.no_grad(), model.hooks(record="blocks.0.attn.hook_head_out") as cache:
         model(x.to(device))
-    across, within = variance_by_position(cache["blocks.0.attn.hook_head_out"])
+    across, within = variance_by_position(cache["blocks.0.attn.hook_head_out"])  # (T,) each
     return {"across_sequences": across.tolist(), "within_token": within.tolist()}
+
+
+def first_layer(values, threshold):
+    """The first index whose value reaches threshold, or None."""
+    return next((i for i, v in enumerate(values) if v >= threshold), None)
 
 
 # ----------------------------------------------------------------------------- figures
 
 def plot_variance(by_case, path):
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4), sharey=False)
-    titles = {"init": "random init, text", "trained": "trained, text", "random_tokens": "trained, random tokens"}
-    for ax, case in zip(axes, CASES):
-        within = np.array(by_case[case]["within_token"])
-        across = np.array(by_case[case]["across_sequences"])
+    fig, axes = plt.subplots(1, len(by_case), figsize=(4.7 * len(by_case), 4), squeeze=False)
+    for ax, (case, variance) in zip(axes[0], by_case.items()):
+        within, across = np.array(variance["within_token"]), np.array(variance["across_sequences"])
         positions = np.arange(len(within))
         ax.plot(positions, within, "o-", markersize=3, color="tab:red", label="within token (var over dims)")
         ax.plot(positions, np.where(across > 0, across, np.nan), "s-", markersize=3, color="tab:blue",
                 label="across sequences (var over windows)")
         ax.plot(positions, within[0] / (positions + 1), ":", color="black", label="within[0] / (t+1): uniform attention")
         ax.set(yscale="log", xlabel="position t", ylabel="variance of layer-0 head output",
-               title=f"Fig. 1: {titles[case]}")
+               title=f"Fig. 1: {CASE_TITLES.get(case, case)}")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -144,12 +161,14 @@ def plot_attention_and_norm(layers, attention, norm0, norm_others, path):
     plt.close(fig)
 
 
-def plot_wo(layers, taus, post_ratio, path):
+def plot_wo(layers, taus, row_taus, post_ratio, path):
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.bar(layers, taus, color="tab:blue")
+    left.boxplot(row_taus, positions=layers, widths=0.5)
+    left.scatter(layers, taus, marker="D", color="tab:blue", zorder=3, label="|W_O column| (one tau per layer)")
     left.axhline(0, color="black", linewidth=0.5)
-    left.set(xlabel="layer", ylabel="Kendall tau-b", xticks=layers, ylim=(-1, 1),
-             title="Fig. 7: |W_O column| vs token 0's spread")
+    left.set(xlabel="layer", ylabel="Kendall tau-b with token 0's spread", xticks=layers, ylim=(-1, 1),
+             title="Fig. 7: W_O weights vs token 0's spread")
+    left.legend(fontsize=8, title="box: one tau per W_O row", title_fontsize=8)
     right.plot(layers, post_ratio, "o-", color="tab:red")
     right.axhline(1, color="gray", linestyle=":", label="no discrepancy")
     right.set(xlabel="layer", ylabel="token 0 variance / others' after W_O", xticks=layers, yscale="log",
@@ -169,10 +188,10 @@ def main(argv=None) -> dict:
     model, _ = trained_model(args.profile, "softmax", args.seed, args.dataset, args.device, args.out_dir)
     model.eval()
     torch.manual_seed(args.seed)
-    init_model = GPT(model_cfg).to(args.device).eval()  # the same initialisation recipe, untrained
+    init_model = GPT(model_cfg).to(args.device).eval()  # the trained model's own starting point
     x, _ = args.dataset.windows("val", N_WINDOWS, train_cfg.bos, torch.Generator().manual_seed(args.seed))  # (N, T)
     x_random = random_token_windows(N_WINDOWS, model_cfg.block_size, train_cfg.bos,
-                                    torch.Generator().manual_seed(args.seed + 1))
+                                    torch.Generator().manual_seed(args.seed + 1))  # (N, T)
 
     # Fig. 1: the variance of layer 0's head outputs by position, three cases.
     by_case = {"init": layer0_variance(init_model, x, args.device),
@@ -189,46 +208,59 @@ def main(argv=None) -> dict:
     attention = [float(first_token_attention(cache[f"blocks.{i}.attn.hook_pattern"]).mean()) for i in layers]
     norms = [cache[f"blocks.{i}.hook_resid_in"].norm(dim=-1) for i in layers]  # each (N, T)
     norm0, norm_others = [float(n[:, 0].mean()) for n in norms], [float(n[:, 1:].mean()) for n in norms]
-    taus, post_ratio = [], []
+    taus, row_taus, post_ratio = [], [], []
     for i in layers:
-        column_norm = model.blocks[i].attn.wo.weight.detach().float().cpu().norm(dim=0)  # (C,): one per W_O input
-        taus.append(kendall_tau_b(column_norm.numpy(), token0_dimension_spread(cache[f"blocks.{i}.attn.hook_head_out_post"]).numpy()))
+        wo_weight = model.blocks[i].attn.wo.weight.detach().float().cpu()  # (C_out, C_in): a column per W_O input
+        spread = token0_dimension_spread(cache[f"blocks.{i}.attn.hook_head_out_post"]).numpy()  # (C_in,)
+        taus.append(kendall_tau_b(wo_weight.norm(dim=0).numpy(), spread))
+        row_taus.append(wo_row_taus(wo_weight, spread))
         post_ratio.append(within_token_variance_ratio(cache[f"blocks.{i}.attn.hook_out"]))
 
     metrics = {
         "n_windows": N_WINDOWS,
-        "var_by_position_init": by_case["init"],
-        "var_by_position_trained": by_case["trained"],
-        "var_by_position_random_tokens": by_case["random_tokens"],
+        **{f"var_by_position_{case}": variance for case, variance in by_case.items()},
         "var_ratio_token0": ratio,
         "var_ratio_reading": "within_token",
         "first_token_attention_by_layer": attention,
         "first_token_norm_by_layer": norm0,
         "other_token_norm_by_layer": norm_others,
         "wo_kendall_tau_by_layer": taus,
+        "wo_row_kendall_tau_mean_by_layer": [float(np.mean(t)) for t in row_taus],
         "post_wo_var_ratio_by_layer": post_ratio,
     }
     write_metrics(metrics, args.script_dir)
     plot_variance(by_case, os.path.join(args.script_dir, "fig1_variance_by_position.png"))
-    plot_attention_and_norm(layers, attention, norm0, norm_others, os.path.join(args.script_dir, "fig3_attention_and_norm.png"))
-    plot_wo(layers, taus, post_ratio, os.path.join(args.script_dir, "fig7_wo_keeps_variance.png"))
+    plot_attention_and_norm(layers, attention, norm0, norm_others,
+                            os.path.join(args.script_dir, "fig3_attention_and_norm.png"))
+    plot_wo(layers, taus, row_taus, post_ratio, os.path.join(args.script_dir, "fig7_wo_keeps_variance.png"))
 
     print(f"{args.profile} model, {N_WINDOWS} held-out windows and {N_WINDOWS} random-token windows; "
           f"layer-0 head outputs, variance at position 0 vs mean at t >= 1")
     rows = []
-    for case in CASES:
-        within, across = by_case[case]["within_token"], by_case[case]["across_sequences"]
+    for case, variance in by_case.items():
+        within, across = variance["within_token"], variance["across_sequences"]
         rows.append([case, within[0], float(np.mean(within[1:])), ratio[case], across[0], float(np.mean(across[1:]))])
     print_table(rows, ["case", "within tok 0", "t >= 1", "ratio", "across seq 0", "t >= 1"])
-    print("(the ratio uses the within-token reading: with BOS, token 0's across-sequences variance is 0)\n")
+    outliers = [case for case in by_case if ratio[case] > 1]
+    print("(the ratio uses the within-token reading: with BOS, token 0's across-sequences variance is 0)\n"
+          f"token 0 is the high-variance outlier (ratio > 1) in: {', '.join(outliers) or 'no case'}"
+          + ("" if len(outliers) == len(by_case) else
+             f"; not in: {', '.join(c for c in by_case if c not in outliers)} (the paper's claim does not hold there)")
+          + "\n")
     norm_ratio = [a / b for a, b in zip(norm0, norm_others)]
-    print_table([[i, attention[i], norm0[i], norm_others[i], norm_ratio[i], taus[i], post_ratio[i]] for i in layers],
-                ["layer", "attn to 0", "norm 0", "norm others", "0/others", "W_O tau", "var ratio after W_O"])
-    spike = next((i for i in layers if norm_ratio[i] > SPIKE_NORM_RATIO), None)
-    sink = next((i for i in layers if attention[i] >= SINK_THRESHOLD), None)
-    print(f"\nfirst layer with token 0's norm > {SPIKE_NORM_RATIO:g}x the others': {spike}; "
-          f"first layer with attention to token 0 >= {SINK_THRESHOLD}: {sink}"
-          + ("" if spike is not None and sink is not None else " (None: not reached in this model)"))
+    row_tau_mean = metrics["wo_row_kendall_tau_mean_by_layer"]
+    print_table([[i, attention[i], norm0[i], norm_others[i], norm_ratio[i], taus[i], row_tau_mean[i], post_ratio[i]]
+                 for i in layers],
+                ["layer", "attn to 0", "norm 0", "norm others", "0/others", "W_O tau", "row tau mean",
+                 "var ratio after W_O"])
+    spike, sink = first_layer(norm_ratio, SPIKE_NORM_RATIO), first_layer(attention, SINK_THRESHOLD)
+    print(f"\nfirst layer where token 0's norm reaches {SPIKE_NORM_RATIO:g}x the others': "
+          f"{'none in this model' if spike is None else spike}; first layer with attention to token 0 >= "
+          f"{SINK_THRESHOLD}: {'none in this model' if sink is None else sink}")
+    kept = [i for i in layers if post_ratio[i] > 1]
+    print(f"W_O: tau > 0 (W_O weighs token 0's high-spread dimensions more) in layers "
+          f"{[i for i in layers if taus[i] > 0] or 'none'}; token 0's variance stays above the others' after W_O "
+          f"in layers {kept or 'none'}")
     return metrics
 
 

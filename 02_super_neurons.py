@@ -218,14 +218,22 @@ def main(argv=None) -> dict:
     print_table([[s["layer"], s["unit"], s["gate_norm_z"], s["up_norm_z"], s["token0_activation_ratio"],
                   "yes" if s["rule_met"] else "no", argmax_by_layer[s["layer"]]] for s in supers],
                 ["layer", "unit", "z W_gate", "z W_up", "|act| 0/others", "rule met", "argmax |act| on token 0"])
-    print(f"\ntop super neuron: layer {top_layer} unit {top_unit}; Yu et al.'s argmax on token 0 in that layer: "
+    n_rule_met = sum(s["rule_met"] for s in supers)
+    print(f"\n{n_rule_met} unit(s) meet the rule" + ("" if n_rule_met else
+          ": no super neuron by weight in this model (the top unit is listed anyway)")
+          + f"\ntop unit: layer {top_layer} unit {top_unit}, |activation| on token 0 "
+          f"{top['token0_activation_ratio']:.3g}x the others'; Yu et al.'s argmax on token 0 in that layer: "
           f"unit {argmax_by_layer[top_layer]} ({'agrees' if metrics['activation_argmax_agrees'] else 'disagrees'})\n")
     print_table([["cos(FFN input, W_gate row)", metrics["cosine_token0"], metrics["cosine_others"]],
                  ["activation", float(activation[:, 0].mean()), float(activation[:, 1:].mean())]],
                 ["Fig. 9", "token 0", "t >= 1 (mean)"])
+    selective = metrics["cosine_token0"] > metrics["cosine_others"] and top["token0_activation_ratio"] > 1
+    print(f"token 0 {'is' if selective else 'is not'} selectively aligned and activated "
+          "(higher cosine and larger |activation| than the others)")
     print(f"\nW_down column: kurtosis {metrics['wdown_column_kurtosis']:.3g} (Gaussian: 3), top output dims {top_dims}; "
           f"token 0's massive dims after layer {top_layer}: {massive} (max/median {metrics['token0_massive_ratio']:.3g}); "
-          f"match: {metrics['massive_dims_match']}")
+          + ("the largest W_down entry lands on one of them" if metrics["massive_dims_match"] else
+             "the largest W_down entry is none of them: the channel-sparse route does not show here"))
     return metrics
 
 

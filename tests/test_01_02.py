@@ -67,9 +67,9 @@ def test_quick_01_shapes(quick):
         assert metrics[f"var_by_position_{case}"]["across_sequences"][0] == pytest.approx(0, abs=1e-12)  # BOS
     assert set(metrics["var_ratio_token0"]) == {"init", "trained", "random_tokens"}
     for key in ("first_token_attention_by_layer", "first_token_norm_by_layer", "other_token_norm_by_layer",
-                "wo_kendall_tau_by_layer", "post_wo_var_ratio_by_layer"):
+                "wo_kendall_tau_by_layer", "wo_row_kendall_tau_mean_by_layer", "post_wo_var_ratio_by_layer"):
         assert len(metrics[key]) == n_layer
-    assert all(-1 <= t <= 1 for t in metrics["wo_kendall_tau_by_layer"])
+    assert all(-1 <= t <= 1 for t in metrics["wo_kendall_tau_by_layer"] + metrics["wo_row_kendall_tau_mean_by_layer"])
 
 
 def test_quick_02_shapes(quick):
@@ -88,6 +88,16 @@ def test_kendall_tau_b_hand_cases():
     assert variance.kendall_tau_b([1, 2, 3], [3, 2, 1]) == pytest.approx(-1)
     # ties: x has the tied pair (1, 2); 5 concordant, 0 discordant; tau-b = 5 / sqrt(5 * 6)
     assert variance.kendall_tau_b([1, 1, 2, 3], [1, 2, 3, 4]) == pytest.approx(5 / math.sqrt(30))
+
+
+def test_wo_row_taus_one_per_output_row():
+    wo_weight = torch.tensor([[1.0, -2.0, 3.0], [3.0, 2.0, 1.0]])  # (C_out, C_in); ranks by |weight|
+    assert variance.wo_row_taus(wo_weight, [0.1, 0.2, 0.3]) == pytest.approx([1.0, -1.0])
+
+
+def test_first_layer_reaching_a_threshold():
+    assert variance.first_layer([0.1, 0.3, 0.5], 0.3) == 1
+    assert variance.first_layer([0.1, 0.2], 0.3) is None
 
 
 def test_variance_ratio_and_dimension_spread():
