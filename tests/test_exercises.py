@@ -30,31 +30,39 @@ def require(filename, text):
 
 # ----------------------------------------------------------------------------- 01 and 02
 
+def uniform_attention_ratio(T):
+    """var_0 over the mean of var_0 / (t+1) for t = 1..T-1: about 16.8 for T = 64."""
+    return 1 / np.mean([1 / (t + 1) for t in range(1, T)])
+
+
+# ----------------------------------------------------------------------------- 01 and 02
+
 def test_01_exercise_1_across_sequences_variance_of_bos_is_zero():
     metrics = run("01_variance.py")
     for case in ("init", "trained", "random_tokens"):  # BOS at position 0 in all three
         assert metrics[f"var_by_position_{case}"]["across_sequences"][0] == pytest.approx(0, abs=1e-12)
 
 
-def test_01_exercise_2_uniform_attention_prediction_bounds_the_init_ratio():
-    T = profile_configs("cpu")[0].block_size
-    predicted = 1 / np.mean([1 / (t + 1) for t in range(1, T)])  # about 16.8 for T = 64
-    ratio = run("01_variance.py")["var_ratio_token0"]["init"]
-    # above 1 (token 0 cannot average), below the i.i.d. prediction: neighbouring bytes repeat, so averages keep variance
-    assert 1 < ratio < predicted
-
-
-def test_01_exercise_3_random_tokens_without_bos_vary_most_at_position_0():
-    require("01_variance.py", '"--random_without_bos"')
-    across = run("01_variance.py", "--random_without_bos")["var_by_position_random_tokens"]["across_sequences"]
-    assert across[0] > np.mean(across[1:])
-
-
-def test_01_exercise_4_kendall_tau_of_itself_and_its_reverse():
+def test_01_exercise_2_kendall_tau_of_itself_and_its_reverse():
     kendall_tau_b = load_script("01_variance.py").kendall_tau_b
     x = np.random.default_rng(0).normal(size=20)
     assert kendall_tau_b(x, x) == pytest.approx(1)
     assert kendall_tau_b(x, -x) == pytest.approx(-1)  # -x ranks x in reverse
+
+
+def test_01_exercise_3_uniform_attention_prediction_bounds_the_init_ratio():
+    predicted = uniform_attention_ratio(profile_configs("cpu")[0].block_size)
+    ratio = run("01_variance.py")["var_ratio_token0"]["init"]
+    # above 1 (token 0 cannot average), below the i.i.d. prediction: bytes repeat within a window of text
+    assert 1 < ratio < predicted
+
+
+def test_01_exercise_4_random_init_on_random_tokens_follows_one_over_t_plus_one():
+    require("01_variance.py", '"--random_without_bos"')
+    across = run("01_variance.py", "--random_without_bos")["var_by_position_init_random_tokens"]["across_sequences"]
+    # near-uniform attention at init, independent values: the prediction of exercise 3 holds (17.8 measured, seed 0)
+    predicted = uniform_attention_ratio(profile_configs("cpu")[0].block_size)
+    assert across[0] / np.mean(across[1:]) == pytest.approx(predicted, rel=0.2)
 
 
 def test_02_exercise_1_kurtosis_is_at_most_the_one_hot_value():
