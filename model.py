@@ -417,15 +417,16 @@ def train(model, data, cfg, desc="train"):
             group["lr"] = learning_rate(step, cfg)
         with autocast(device):
             _, loss = model(x.to(device), y.to(device))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training stopped: loss is {loss.item()} at step {step}; try a lower learning rate")
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"training stopped: loss is {loss_value} at step {step}; try a lower learning rate")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         history["step"].append(step)
-        history["train_loss"].append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{history['val_loss'][-1]:.3f}",
+        history["train_loss"].append(loss_value)
+        bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{history['val_loss'][-1]:.3f}",
                         tok_s=f"{tokens_per_step * (step + 1) / (time.time() - start):.0f}")
     history["val_step"].append(cfg.steps)
     history["val_loss"].append(evaluate(model, val_x, val_y))
