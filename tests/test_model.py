@@ -246,3 +246,13 @@ def test_bad_device_is_a_one_line_error_and_exit_2():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error:")
+
+
+def test_non_finite_loss_stops_training(tmp_path, tiny_config):
+    path = tmp_path / "text.txt"
+    path.write_text("attention sinks " * 200)
+    model = GPT(tiny_config)
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="loss is nan at step 0"):
+        train(model, ByteData(load_corpus(str(path)), 16), TrainConfig(steps=5, eval_interval=10, eval_windows=4))
