@@ -33,6 +33,15 @@ def load_script(filename):
     return module
 
 
+def numbers_in(value):
+    """Every int or float inside nested dicts and lists (to check that metrics are finite)."""
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in numbers_in(v)]
+    if isinstance(value, list):
+        return [n for v in value for n in numbers_in(v)]
+    return [value] if isinstance(value, (int, float)) else []
+
+
 @pytest.fixture(autouse=True)
 def seed():
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from conftest import ROOT, load_script
+from conftest import ROOT, load_script, numbers_in
 
 variance = load_script("01_variance.py")
 super_neurons = load_script("02_super_neurons.py")
@@ -20,15 +20,6 @@ KEYS = {
     "02_super_neurons": ["super_neurons", "wdown_column_kurtosis", "massive_dims", "massive_dims_match"],
 }
 SCRIPTS = {"01_variance": variance, "02_super_neurons": super_neurons}
-
-
-def numbers_in(value):
-    """Every int or float inside nested dicts and lists."""
-    if isinstance(value, dict):
-        return [n for v in value.values() for n in numbers_in(v)]
-    if isinstance(value, list):
-        return [n for v in value for n in numbers_in(v)]
-    return [value] if isinstance(value, (int, float)) else []
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from conftest import ROOT, load_script
+from conftest import ROOT, load_script, numbers_in
 from model import GPT, InputError, dominance_ratio, effective_rank, self_only_mask
 
 dimension_disparity = load_script("03_dimension_disparity.py")
@@ -26,15 +26,6 @@ KEYS = {
                          "superneuron_activation_at_k", "dominance_ratio_at_k"],
 }
 SCRIPTS = {"03_dimension_disparity": dimension_disparity, "04_interventions": interventions}
-
-
-def numbers_in(value):
-    """Every int or float inside nested dicts and lists."""
-    if isinstance(value, dict):
-        return [n for v in value.values() for n in numbers_in(v)]
-    if isinstance(value, list):
-        return [n for v in value for n in numbers_in(v)]
-    return [value] if isinstance(value, (int, float)) else []
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from conftest import ROOT, load_script
+from conftest import ROOT, load_script, numbers_in
 from model import InputError
 
 pretrain = load_script("05_pretrain_headwise.py")
@@ -17,15 +17,6 @@ KEYS = ["val_loss_curves", "val_loss_final", "steps_to_baseline_loss", "first_to
         "dominance_ratio_token0_by_layer", "effective_rank_by_layer", "var_by_position", "head_entropy",
         "head_output_variance"]
 VARIANTS = ["softmax", "sigmoid", "headwise", "gated"]
-
-
-def numbers_in(value):
-    """Every int or float inside nested dicts and lists."""
-    if isinstance(value, dict):
-        return [n for v in value.values() for n in numbers_in(v)]
-    if isinstance(value, list):
-        return [n for v in value for n in numbers_in(v)]
-    return [value] if isinstance(value, (int, float)) else []
 
 
 @pytest.fixture(scope="module")
