@@ -124,7 +124,7 @@ class CausalSelfAttention(nn.Module):
             self.head_norm_gain = nn.Parameter(torch.ones(config.n_head, 1, self.head_dim))
         if self.variant == "gated":
             self.gate = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        # Sigmoid attention's fixed bias b = -log(T) (Ramapuram et al. 2024): at init a row sums to about 1.
+        # Sigmoid attention's fixed bias b = -log(T) (Ramapuram et al. 2024): at init each weight is about 1/T.
         self.sigmoid_bias = -math.log(config.block_size)
         causal = torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool))
         self.register_buffer("causal_mask", causal, persistent=False)
