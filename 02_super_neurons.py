@@ -52,8 +52,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from model import (massive_activation_ratio, print_table, profile_configs, run_script, script_parser, setup,
-                   trained_model, write_metrics)
+from model import (massive_activation_ratio, print_table, profile_configs, row_norm_zscores, run_script,
+                   script_parser, setup, top_super_neuron, trained_model, write_metrics)
 
 N_WINDOWS = 64  # held-out windows for every measure
 SUPER_Z = 3.0  # a super neuron: row-norm z-score >= SUPER_Z in both W_gate and W_up
@@ -61,16 +61,6 @@ TOP_DIMS = 3  # how many output dimensions count as "top" and as "massive"
 
 
 # ----------------------------------------------------------------------------- measures
-
-def zscore(values):
-    """(n,) -> (n,): (v - mean) / std over the n values."""
-    return (values - values.mean()) / values.std().clamp_min(1e-12)
-
-
-def row_norm_zscores(mlp):
-    """(z of W_gate row norms, z of W_up row norms), each (ffn_dim,): one per hidden unit."""
-    return tuple(zscore(w.weight.detach().float().cpu().norm(dim=1)) for w in (mlp.w_gate, mlp.w_up))
-
 
 def kurtosis(x):
     """Pearson's kurtosis E[(x - mean)^4] / var^2 of a 1-D tensor (population moments): 3 for a Gaussian."""
@@ -152,9 +142,7 @@ def main(argv=None) -> dict:
     zs = [row_norm_zscores(model.blocks[i].mlp) for i in layers]
     hidden = [cache[f"blocks.{i}.mlp.hook_hidden"] for i in layers]  # each (N, T, ffn)
     argmax_by_layer = [int(h[:, 0].abs().mean(0).argmax()) for h in hidden]
-    candidates = [i for i in layers if i < 2]  # as 04: the top super neuron sits in layer 0 or 1
-    top_layer = max(candidates, key=lambda i: float((zs[i][0] + zs[i][1]).max()))
-    top_unit = int((zs[top_layer][0] + zs[top_layer][1]).argmax())
+    top_layer, top_unit = top_super_neuron(model)  # layer 0 or 1, as in 04
 
     def entry(layer, unit):
         z_gate, z_up = zs[layer]

@@ -54,8 +54,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from model import (InputError, dominance_ratio, print_table, profile_configs, run_script, script_parser,
-                   self_only_mask, setup, trained_model, write_metrics)
+from model import (InputError, dominance_ratio, print_table, profile_configs, row_norm_zscores, run_script,
+                   script_parser, self_only_mask, setup, top_super_neuron, trained_model, write_metrics)
 
 N_WINDOWS = 64  # held-out windows for every measure
 LAMBDAS = (1, 2, 4, 8, 16, 32)
@@ -114,14 +114,9 @@ def find_super_neuron(model, x):
     """The FFN unit of layer 0 or 1 whose W_gate and W_up rows have the largest mean norm z-score
     (paper Fig. 8), cross-checked by Yu et al. (2024): the unit with the largest mean |activation|
     on token 0 in that layer."""
-    best = None
-    for layer in range(min(2, model.config.n_layer)):
-        mlp = model.blocks[layer].mlp
-        gate_norm, up_norm = (w.weight.detach().norm(dim=1) for w in (mlp.w_gate, mlp.w_up))  # (ffn,): a row per unit
-        z_gate, z_up = ((norm - norm.mean()) / norm.std() for norm in (gate_norm, up_norm))
-        unit = int((z_gate + z_up).argmax())
-        if best is None or z_gate[unit] + z_up[unit] > best["gate_norm_z"] + best["up_norm_z"]:
-            best = dict(layer=layer, unit=unit, gate_norm_z=float(z_gate[unit]), up_norm_z=float(z_up[unit]))
+    layer, unit = top_super_neuron(model)
+    z_gate, z_up = row_norm_zscores(model.blocks[layer].mlp)
+    best = dict(layer=layer, unit=unit, gate_norm_z=float(z_gate[unit]), up_norm_z=float(z_up[unit]))
     hidden = record(model, x, f"blocks.{best['layer']}.mlp.hook_hidden")[f"blocks.{best['layer']}.mlp.hook_hidden"]
     best["activation_argmax_unit"] = int(hidden[:, 0].abs().mean(0).argmax())  # hidden (N, T, ffn)
     best["agree"] = best["activation_argmax_unit"] == best["unit"]

@@ -507,6 +507,21 @@ def effective_rank(hidden):
     return float(torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum()))
 
 
+def row_norm_zscores(mlp):
+    """(z of W_gate row norms, z of W_up row norms), each (ffn_dim,): one per hidden unit (Fig. 8)."""
+    norms = [w.weight.detach().float().cpu().norm(dim=1) for w in (mlp.w_gate, mlp.w_up)]  # (ffn,) each
+    return tuple((n - n.mean()) / n.std().clamp_min(1e-12) for n in norms)
+
+
+def top_super_neuron(model):
+    """(layer, unit): the FFN unit of layer 0 or 1 with the largest z(W_gate row) + z(W_up row)."""
+    def best(layer):
+        z_gate, z_up = row_norm_zscores(model.blocks[layer].mlp)
+        return float((z_gate + z_up).max()), layer, int((z_gate + z_up).argmax())
+    _, layer, unit = max(best(layer) for layer in range(min(2, model.config.n_layer)))
+    return layer, unit
+
+
 def variance_by_position(head_out):
     """(B, H, T, hd) head outputs -> two (T,) readings of their variance at each position:
     per dimension across sequences (var over B, mean over H, hd), and
