@@ -123,6 +123,11 @@ def first_layer(values, threshold):
     return next((i for i, v in enumerate(values) if v >= threshold), None)
 
 
+def sink_follows_spike(spike, sink):
+    """The paper's order (Fig. 3): the sink starts in the layer of the norm spike or the next, never before."""
+    return spike is not None and sink is not None and spike <= sink <= spike + 1
+
+
 # ----------------------------------------------------------------------------- figures
 
 def plot_variance(by_case, path):
@@ -227,7 +232,10 @@ def main(argv=None) -> dict:
         "wo_kendall_tau_by_layer": taus,
         "wo_row_kendall_tau_mean_by_layer": [float(np.mean(t)) for t in row_taus],
         "post_wo_var_ratio_by_layer": post_ratio,
+        "spike_layer": first_layer([a / b for a, b in zip(norm0, norm_others)], SPIKE_NORM_RATIO),
+        "sink_layer": first_layer(attention, SINK_THRESHOLD),
     }
+    metrics["sink_follows_spike"] = sink_follows_spike(metrics["spike_layer"], metrics["sink_layer"])
     write_metrics(metrics, args.script_dir)
     plot_variance(by_case, os.path.join(args.script_dir, "fig1_variance_by_position.png"))
     plot_attention_and_norm(layers, attention, norm0, norm_others,
@@ -253,10 +261,12 @@ def main(argv=None) -> dict:
                  for i in layers],
                 ["layer", "attn to 0", "norm 0", "norm others", "0/others", "W_O tau", "row tau mean",
                  "var ratio after W_O"])
-    spike, sink = first_layer(norm_ratio, SPIKE_NORM_RATIO), first_layer(attention, SINK_THRESHOLD)
+    spike, sink = metrics["spike_layer"], metrics["sink_layer"]
     print(f"\nfirst layer where token 0's norm reaches {SPIKE_NORM_RATIO:g}x the others': "
           f"{'none in this model' if spike is None else spike}; first layer with attention to token 0 >= "
-          f"{SINK_THRESHOLD}: {'none in this model' if sink is None else sink}")
+          f"{SINK_THRESHOLD}: {'none in this model' if sink is None else sink}; the sink "
+          + ("follows the spike (same layer or the next), as in the paper" if metrics["sink_follows_spike"] else
+             "does not follow the spike within one layer here"))
     kept = [i for i in layers if post_ratio[i] > 1]
     print(f"W_O: tau > 0 (W_O weighs token 0's high-spread dimensions more) in layers "
           f"{[i for i in layers if taus[i] > 0] or 'none'}; token 0's variance stays above the others' after W_O "

@@ -12,7 +12,9 @@ direction along that sink key give token 0 a positive score for almost every que
 directions: the effective rank drops in the first layers (Fig. 15, 21).
 
 What this script measures, on 64 held-out validation windows:
-  - the dominance ratio per layer, token 0 against the mean over the others (Fig. 11);
+  - the dominance ratio per layer, token 0 against the mean over the others (Fig. 11),
+    measured where the paper measures it: after the block's RMSNorm, gain included
+    (blocks.{i}.hook_attn_in, what the attention reads);
   - the mean cosine similarity between token 0's RMS-normalised attention inputs taken from
     different windows, against the same at the other positions. With a BOS token every
     window's token 0 is the same token at the same position, so its state is identical and
@@ -74,13 +76,11 @@ def mean_pairwise_cosine(states):
 def direction_cosines(model, x_first_token_varies, device):
     """Per layer: (token 0, mean over t >= 1) of the mean pairwise cosine of the attention input
     attn_norm(resid_in) at one position, taken from different windows."""
-    with torch.no_grad(), model.hooks(record="blocks.*.hook_resid_in") as cache:
+    with torch.no_grad(), model.hooks(record="blocks.*.hook_attn_in") as cache:
         model(x_first_token_varies.to(device))
     token0, others = [], []
-    for i, block in enumerate(model.blocks):
-        with torch.no_grad():
-            normalised = block.attn_norm(cache[f"blocks.{i}.hook_resid_in"].to(device)).float().cpu()  # (N, T, C)
-        cosine = mean_pairwise_cosine(normalised)  # (T,)
+    for i in range(len(model.blocks)):
+        cosine = mean_pairwise_cosine(cache[f"blocks.{i}.hook_attn_in"])  # (N, T, C) -> (T,)
         token0.append(float(cosine[0]))
         others.append(float(cosine[1:].mean()))
     return token0, others
@@ -165,13 +165,14 @@ def main(argv=None) -> dict:
     x, _ = args.dataset.windows("val", N_WINDOWS, train_cfg.bos, torch.Generator().manual_seed(args.seed))  # (N, T)
     x_text_first, _ = args.dataset.windows("val", N_WINDOWS, False, torch.Generator().manual_seed(args.seed + 1))
 
-    with torch.no_grad(), model.hooks(record=["blocks.*.hook_resid_in", "blocks.*.attn.hook_q",
+    with torch.no_grad(), model.hooks(record=["blocks.*.hook_resid_in", "blocks.*.hook_attn_in", "blocks.*.attn.hook_q",
                                               "blocks.*.attn.hook_k"]) as cache:
         model(x.to(args.device))
     layers = list(range(model_cfg.n_layer))
     resid = [cache[f"blocks.{i}.hook_resid_in"] for i in layers]  # each (N, T, C)
+    normalised = [cache[f"blocks.{i}.hook_attn_in"] for i in layers]  # after the block's RMSNorm, gain included
 
-    dominance = [dominance_ratio(r) for r in resid]  # each (N, T)
+    dominance = [dominance_ratio(r) for r in normalised]  # each (N, T), measured where the paper measures it
     dominance0 = [float(d[:, 0].mean()) for d in dominance]
     dominance_others = [float(d[:, 1:].mean()) for d in dominance]
     norms = [r.norm(dim=-1) for r in resid]  # each (N, T)

@@ -54,8 +54,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from model import (InputError, dominance_ratio, print_table, profile_configs, row_norm_zscores, run_script,
-                   script_parser, self_only_mask, setup, top_super_neuron, trained_model, write_metrics)
+from model import (InputError, dominance_ratio, early_layers, print_table, profile_configs, row_norm_zscores, run_script,
+                   script_parser, self_only_mask, setup, token0_unit, top_super_neuron, trained_model, write_metrics)
 
 N_WINDOWS = 64  # held-out windows for every measure
 LAMBDAS = (1, 2, 4, 8, 16, 32)
@@ -66,16 +66,20 @@ SINK_THRESHOLD = 0.3  # Gu et al.'s epsilon
 # ----------------------------------------------------------------------------- measures
 
 def attention_received(pattern):
-    """(B, H, T, T) attention -> (T,): the mean weight each key j receives from the queries t >= j."""
+    """(B, H, T, T) attention -> (T,): the mean weight each key j receives from the later queries
+    t > j (0 for the last key, which no later query sees). Not t >= j: under the mask, query k
+    puts all its weight on itself, and that is not attention k receives from the others."""
     T = pattern.shape[-1]
-    can_see = torch.tril(torch.ones(T, T))  # (query t, key j): 1 where t >= j
-    return (pattern.mean(dim=(0, 1)) * can_see).sum(0) / can_see.sum(0)
+    later = torch.tril(torch.ones(T, T), diagonal=-1)  # (query t, key j): 1 where t > j
+    return (pattern.mean(dim=(0, 1)) * later).sum(0) / later.sum(0).clamp_min(1)
 
 
-def attention_entropy(pattern):
-    """(B, H, T, T) attention -> mean entropy (nats) of the rows of queries t >= 1 (row 0 is always 0)."""
-    rows = pattern[:, :, 1:]  # (B, H, T-1, T)
-    return float(-(rows * rows.clamp_min(1e-30).log()).sum(-1).mean())
+def attention_entropy(pattern, k=None):
+    """(B, H, T, T) attention -> mean entropy (nats) of the rows of queries t >= 1, t != k.
+    Row 0 sees only itself; so does row k under the mask: both would add an entropy of 0."""
+    rows = [t for t in range(1, pattern.shape[-2]) if t != k]
+    p = pattern[:, :, rows]  # (B, H, T-1 or T-2, T)
+    return float(-(p * p.clamp_min(1e-30).log()).sum(-1).mean())
 
 
 def received_in_layers(cache, layers):
@@ -177,15 +181,23 @@ def main(argv=None) -> dict:
     measured = list(range(args.from_layer + 1, n_layer))  # the layers whose keys at k the intervention reaches
     neuron = find_super_neuron(model, x)
     neuron_hook, last_input = f"blocks.{neuron['layer']}.mlp.hook_hidden", f"blocks.{n_layer - 1}.hook_resid_in"
-    names = ["blocks.*.attn.hook_pattern", neuron_hook, last_input]
+    early_hidden = [f"blocks.{i}.mlp.hook_hidden" for i in early_layers(n_layer)]
+    names = ["blocks.*.attn.hook_pattern", neuron_hook, last_input, *early_hidden]
 
     # Mask intervention: token k attends only to itself in the intervened layers.
     baseline = record(model, x, names)
     masked = record(model, x, names, mask=self_only_mask(T, k, args.device), mask_layers=intervened)
     received_baseline, received_masked = received_in_layers(baseline, measured), received_in_layers(masked, measured)
+    # The chain at k: does the unit that fires on token 0 (because token 0 cannot aggregate) fire at k once k cannot?
+    unit_layer, unit, unit_ratio = token0_unit({i: baseline[f"blocks.{i}.mlp.hook_hidden"] for i in early_layers(n_layer)})
+    unit_hook = f"blocks.{unit_layer}.mlp.hook_hidden"
+    token0_unit_chain = dict(layer=unit_layer, unit=unit, token0_ratio=unit_ratio,
+                             at_token0=float(baseline[unit_hook][:, 0, unit].abs().mean()),
+                             at_k_unmasked=float(baseline[unit_hook][:, k, unit].abs().mean()),
+                             at_k_masked=float(masked[unit_hook][:, k, unit].abs().mean()))
     sink = int(received_masked[1:].argmax()) + 1  # over positions >= 1
     sink_moved = sink == k and float(received_masked[k]) >= SINK_THRESHOLD
-    entropy = {name: [attention_entropy(cache[f"blocks.{i}.attn.hook_pattern"]) for i in range(n_layer)]
+    entropy = {name: [attention_entropy(cache[f"blocks.{i}.attn.hook_pattern"], k) for i in range(n_layer)]
                for name, cache in (("baseline", baseline), ("masked", masked))}
 
     # Variance amplification and its norm control, at the aggregation output of token k.
@@ -216,6 +228,7 @@ def main(argv=None) -> dict:
         "attention_to_k_variance_own_mean": attention_to_k[("own_mean", "variance")],
         "attention_to_k_norm_control_own_mean": attention_to_k[("own_mean", "norm_control")],
         "super_neuron": neuron,
+        "token0_unit": token0_unit_chain,
         "superneuron_activation_token0": float(baseline[neuron_hook][:, 0, neuron["unit"]].mean()),
         "superneuron_activation_at_k": neuron_at_k,
         "dominance_ratio_at_k": dominance_at_k,
@@ -241,6 +254,11 @@ def main(argv=None) -> dict:
                  for j, lam in enumerate(LAMBDAS)],
                 ["λ", "variance", "norm ctrl", "variance (own)", "norm ctrl (own)",
                  "neuron at k", "(ctrl)", "dominance at k", "(ctrl)"])
+    u = token0_unit_chain
+    print(f"the chain at k under the mask: the token-0 unit (layer {u['layer']} unit {u['unit']}, found by activation: "
+          f"{u['token0_ratio']:.1f}x on token 0) gives |activation| {u['at_k_masked']:.3g} at k masked, "
+          f"{u['at_k_unmasked']:.3g} unmasked ({u['at_k_masked'] / max(u['at_k_unmasked'], 1e-12):.1f}x; "
+          f"token 0: {u['at_token0']:.3g})")
     gain = float(received_masked[k] / received_baseline[k])
     print(f"\nmask: the sink {'moves' if sink_moved else 'does not move'} to k = {k} (argmax {sink}, "
           f"{float(received_masked[k]):.3g} received, {gain:.1f}x the baseline)")

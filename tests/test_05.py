@@ -55,7 +55,7 @@ def test_quick_shapes(quick):
     n_layer, n_head, T = 2, 2, 32  # the tiny profile
     for v in VARIANTS:
         assert len(metrics["first_token_attention_by_layer"][v]) == n_layer
-        assert len(metrics["dominance_ratio_token0_by_layer"][v]) == n_layer + 1  # + the stream leaving the last block
+        assert len(metrics["dominance_ratio_token0_by_layer"][v]) == n_layer  # each block's input, after its RMSNorm
         assert len(metrics["effective_rank_by_layer"][v]) == n_layer + 1
         assert len(metrics["var_by_position"][v]) == T
         steps = metrics["steps_to_baseline_loss"][v]
@@ -65,9 +65,10 @@ def test_quick_shapes(quick):
     assert [len(layer) for layer in metrics["head_output_variance"]] == [n_head] * n_layer
 
 
-def test_same_seed_gives_identical_metrics(quick):
-    out, metrics = quick
-    assert pretrain.main(["--quick", "--seeds", "1", "--out_dir", str(out)]) == metrics  # now from the cache
+def test_same_seed_gives_identical_metrics(quick, tmp_path):
+    """Every variant trained again from scratch in an empty folder, not loaded from the cache."""
+    _, metrics = quick
+    assert pretrain.main(["--quick", "--seeds", "1", "--out_dir", str(tmp_path)]) == metrics
 
 
 def test_unknown_variant_is_an_input_error(tmp_path):
@@ -139,3 +140,35 @@ def test_claim_headwise_lower_dominance_and_higher_effective_rank(cpu_05):
     dominance, rank = cpu_05["dominance_ratio_token0_by_layer"], cpu_05["effective_rank_by_layer"]
     assert max(dominance["headwise"]) < max(dominance["softmax"]), f"dominance by layer: {dominance}"
     assert min(rank["headwise"]) > min(rank["softmax"]), f"effective rank by layer: {rank}"
+
+
+def test_dominance_after_rmsnorm_and_variance_before_the_headwise_norm(tiny_config):
+    """The paper measures dominance after RMSNorm (gain included), and Fig. 23 means something only before
+    the head-wise norm: after it, every head vector has RMS 1 times its gain, by construction."""
+    import dataclasses
+    from model import GPT, dominance_ratio, variance_by_position
+    model = GPT(dataclasses.replace(tiny_config, attn="headwise"))
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn_norm.weight.uniform_(0.5, 2.0)  # a gain that is not 1, so its place shows
+    x = torch.randint(256, (4, 16))
+    with torch.no_grad(), model.hooks(record=["blocks.*.hook_resid_in", "blocks.0.attn.hook_head_out"]) as cache:
+        model(x)
+        measured = pretrain.analyse(model, x)
+        normalised = [model.blocks[i].attn_norm(cache[f"blocks.{i}.hook_resid_in"]) for i in range(2)]
+    expected = [float(dominance_ratio(n[:, 0]).mean()) for n in normalised]
+    assert measured["dominance_ratio_token0"] == pytest.approx(expected, rel=1e-5)
+    before = variance_by_position(cache["blocks.0.attn.hook_head_out"])[1].tolist()
+    assert measured["var_by_position"] == pytest.approx(before, rel=1e-5)
+
+
+def test_is_cached_sees_only_this_recipe(tmp_path):
+    """A checkpoint of another recipe of the same profile, variant and seed is not this run's."""
+    from model import ByteData, checkpoint_path
+    data = ByteData(b"cached or not " * 100, 32, "text")
+    path, _ = checkpoint_path("tiny", "softmax", 0, data, "cpu", str(tmp_path))
+    os.makedirs(os.path.dirname(path))
+    open(path.replace(".pt", "0.pt"), "wb").close()  # same profile-attn-seed prefix, another key
+    assert not pretrain.is_cached("tiny", "softmax", 0, data, "cpu", str(tmp_path))
+    open(path, "wb").close()
+    assert pretrain.is_cached("tiny", "softmax", 0, data, "cpu", str(tmp_path))

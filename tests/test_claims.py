@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, claim_not_held
 from model import (ByteData, first_token_attention, load_corpus, massive_activation_ratio, profile_configs,
                    trained_model)
 
@@ -38,7 +38,7 @@ def first_token_attention_by_head(n_layer, cache):
     return [first_token_attention(cache[f"blocks.{i}.attn.hook_pattern"]) for i in range(n_layer)]  # (H,) each
 
 
-@pytest.mark.xfail(reason="cpu model measured: layer 2 gives 0.219 mean attention to token 0, one head of four over 0.3 (layer 0: 0.39)")
+@claim_not_held("cpu model measured: layer 2 gives 0.219 mean attention to token 0, one head of four over 0.3 (layer 0: 0.39)")
 def test_sink_from_layer_2_on(softmax):
     n_layer, cache = softmax
     for layer, heads in enumerate(first_token_attention_by_head(n_layer, cache)):
@@ -48,7 +48,7 @@ def test_sink_from_layer_2_on(softmax):
             assert share >= 0.5, f"layer {layer}: {share:.0%} of heads over {SINK_THRESHOLD}"
 
 
-@pytest.mark.xfail(reason="cpu model measured: token 0's max/median is at most 7.3x the others' (after layers 0-2: 5.3, 7.3, 5.3)")
+@claim_not_held("cpu model measured: token 0's max/median is at most 7.3x the others' (after layers 0-2: 5.3, 7.3, 5.3)")
 def test_massive_activation_on_token_0(softmax):
     n_layer, cache = softmax
     states = [cache[f"blocks.{i}.hook_resid_in"] for i in range(1, n_layer)] + [cache["hook_resid_final"]]
@@ -67,8 +67,8 @@ def test_super_neuron_in_layer_0_or_1(softmax):
 
 
 @pytest.mark.parametrize("attn", [
-    pytest.param("headwise", marks=pytest.mark.xfail(reason="cpu model measured: head-wise keeps 0.154 attention to token 0 in layer 2 (0.068, 0.063, 0.154)")),
-    pytest.param("sigmoid", marks=pytest.mark.xfail(reason="cpu model measured: sigmoid's layer 0 gives token 0 a 0.137 share (0.137, 0.044, 0.088)")),
+    pytest.param("headwise", marks=claim_not_held("cpu model measured: head-wise keeps 0.154 attention to token 0 in layer 2 (0.068, 0.063, 0.154)")),
+    pytest.param("sigmoid", marks=claim_not_held("cpu model measured: sigmoid's layer 0 gives token 0 a 0.137 share (0.137, 0.044, 0.088)")),
 ])
 def test_fix_removes_the_sink(attn, data):
     n_layer, cache = record(attn, data, "*hook_pattern")

@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from conftest import ROOT, load_script
-from model import ATTENTION_VARIANTS, GPT, profile_configs, random_token_windows, variance_by_position
+from conftest import ROOT, claim_not_held, load_script
+from model import (ATTENTION_VARIANTS, GPT, profile_configs, random_token_windows, rms_normalize, row_norm_zscores,
+                   trained_model, variance_by_position)
 
 pytestmark = pytest.mark.exercises
 OUT = os.path.join(ROOT, "out")
@@ -80,11 +81,17 @@ def test_02_exercise_2_token0_cosine_is_the_same_in_every_window():
     assert metrics["cosine_std_others"] > metrics["cosine_std_token0"]
 
 
-def test_02_exercise_3_a_lower_threshold_marks_at_least_as_many_super_neurons():
+def test_02_exercise_3_z_threshold_sets_the_rule():
+    """rule_met must count exactly the units whose W_gate and W_up z-scores both reach the threshold given;
+    a threshold is chosen at which that count differs from the default's, so an ignored flag fails."""
     require("02_super_neurons.py", '"--z_threshold"')
-    count = {z: sum(s["rule_met"] for s in run("02_super_neurons.py", "--z_threshold", z)["super_neurons"])
-             for z in ("3", "2")}
-    assert count["2"] >= count["3"]
+    model, _ = trained_model("cpu", out_dir=OUT)
+
+    def units_over(z):
+        return sum(int(((z_gate >= z) & (z_up >= z)).sum()) for z_gate, z_up in map(row_norm_zscores, (b.mlp for b in model.blocks)))
+    z = next(z for z in ("2", "1.5", "1", "0.5") if units_over(float(z)) != units_over(3.0))
+    counted = sum(s["rule_met"] for s in run("02_super_neurons.py", "--z_threshold", z)["super_neurons"])
+    assert counted == units_over(float(z)), f"--z_threshold {z}: {counted} units meet the rule, expected {units_over(float(z))}"
 
 
 def test_02_exercise_4_ablating_the_super_neuron_removes_token0s_massive_activation():
@@ -95,12 +102,6 @@ def test_02_exercise_4_ablating_the_super_neuron_removes_token0s_massive_activat
 
 
 # ----------------------------------------------------------------------------- 03 and 04
-
-def test_03_exercise_1_dominance_ratio_is_at_most_n_embd():
-    n_embd = profile_configs("cpu")[0].n_embd
-    metrics = run("03_dimension_disparity.py")
-    assert max(metrics["dominance_ratio_token0_by_layer"]) <= n_embd  # reached only by a one-hot vector
-
 
 def test_03_exercise_2_on_bos_windows_token0_has_one_direction():
     require("03_dimension_disparity.py", '"--direction_on_bos"')
@@ -115,7 +116,7 @@ def test_04_exercise_1_lambda_one_is_the_baseline():
         assert metrics[key][0] == pytest.approx(metrics["attention_received_baseline"][k], abs=1e-5)
 
 
-@pytest.mark.xfail(reason="cpu model measured: with --k 20 the masked position receives 0.045 (1.9x its baseline) and the argmax over positions >= 1 stays at 61; see README, 04")
+@claim_not_held("cpu model measured: with --k 20 the masked position receives 0.045 (1.9x its baseline) and the argmax over positions >= 1 stays at 61; see README, 04")
 def test_04_exercise_2_with_k_20_the_sink_is_at_20():
     metrics = run("04_interventions.py", "--k", "20")
     received = metrics["attention_received_masked"]
@@ -136,11 +137,11 @@ def test_04_exercise_4_mean_ablation_of_the_super_neuron_weakens_the_sink():
 pretrain = load_script("05_pretrain_headwise.py")
 
 
-def head_outputs(model, x, layer=0):
-    """The recorded input of W_O in `layer` (B, H, T, hd) for windows x."""
-    with torch.no_grad(), model.hooks(record=f"blocks.{layer}.attn.hook_head_out_post") as cache:
+def head_outputs(model, x, layer=0, hook="hook_head_out_post"):
+    """The recorded input of W_O in `layer` (B, H, T, hd) for windows x (or another attention hook's value)."""
+    with torch.no_grad(), model.hooks(record=f"blocks.{layer}.attn.{hook}") as cache:
         model(x)
-    return cache[f"blocks.{layer}.attn.hook_head_out_post"]
+    return cache[f"blocks.{layer}.attn.{hook}"]
 
 
 def test_exercise_1_steps_to_reach_interpolates():
@@ -155,22 +156,30 @@ def test_exercise_1_steps_to_reach_interpolates():
 
 @pytest.mark.parametrize("attn", ATTENTION_VARIANTS)
 def test_exercise_2_token0_is_the_same_in_every_bos_window(attn):
-    """The answer: 0. Token 0 is BOS in every window and sees only itself, so its output never varies."""
-    model_cfg, train_cfg = profile_configs("cpu", attn)
+    """The answer: 0. Token 0 is BOS in every window and sees only itself, so its output never varies.
+    Checked through the student's `analyse`, on a model of 05's own profile: both curves switched to the
+    across-sequences reading, entry 0 is 0 and the other positions vary."""
+    model_cfg, train_cfg = profile_configs(pretrain.DEFAULT_PROFILE, attn)
     x = random_token_windows(8, model_cfg.block_size, train_cfg.bos, torch.Generator().manual_seed(0))
-    across_sequences, _ = variance_by_position(head_outputs(GPT(model_cfg), x))  # (T,)
-    assert float(across_sequences[0]) < 1e-12
-    assert float(across_sequences[1:].min()) > 1e-8  # the other positions do vary
+    model = GPT(model_cfg).eval()
+    measured = pretrain.analyse(model, x)
+    within_token = variance_by_position(head_outputs(model, x, hook="hook_head_out"))[1].tolist()
+    if measured["var_by_position"] == pytest.approx(within_token):
+        pytest.skip("not implemented yet: var_by_position still uses the within-token reading")
+    for key in ("var_by_position", "var_by_position_after_norm"):
+        assert measured[key][0] < 1e-12, f"{key}[0] = {measured[key][0]}"
+        assert min(measured[key][1:]) > 1e-8, f"{key}: the positions after 0 should vary across windows"
 
 
 def test_exercise_3_headwise_layernorm_gives_mean_0_and_variance_1(tiny_config):
     model = GPT(dataclasses.replace(tiny_config, attn="headwise"))
     with torch.no_grad():
         model.blocks[0].attn.head_norm_gain.fill_(1.0)  # look at the normalisation alone
-    normalised = head_outputs(model, torch.randint(256, (4, 16)))  # (B, H, T, hd)
+    x = torch.randint(256, (4, 16))
+    normalised = head_outputs(model, x)  # (B, H, T, hd)
+    if torch.allclose(normalised, rms_normalize(head_outputs(model, x, hook="hook_head_out"))):
+        pytest.skip("not implemented yet: the head-wise norm is still RMSNorm")
     mean = normalised.mean(-1)  # (B, H, T)
-    if mean.abs().max() > 1e-3:
-        pytest.skip("not implemented yet: the head-wise norm does not subtract each head vector's mean")
     assert_close(mean, torch.zeros_like(mean), rtol=0, atol=1e-4)
     variance = normalised.var(-1, unbiased=False)
     assert_close(variance, torch.ones_like(variance), rtol=0, atol=1e-2)  # up to eps / variance

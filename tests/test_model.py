@@ -10,9 +10,10 @@ import torch
 from torch.testing import assert_close
 
 from conftest import ROOT
+import model as model_module
 from model import (ATTENTION_VARIANTS, BOS, GPT, ByteData, GPTConfig, InputError, TrainConfig, apply_rope,
                    load_checkpoint, load_corpus, random_token_windows, rope_tables, save_checkpoint,
-                   self_only_mask, train, variance_by_position)
+                   self_only_mask, train, trained_model, variance_by_position)
 
 
 def variant(config, attn):
@@ -256,3 +257,97 @@ def test_non_finite_loss_stops_training(tmp_path, tiny_config):
         model.lm_head.weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="loss is nan at step 0"):
         train(model, ByteData(load_corpus(str(path)), 16), TrainConfig(steps=5, eval_interval=10, eval_windows=4))
+
+
+def test_norm_gains_are_never_weight_decayed(tmp_path, tiny_config, monkeypatch):
+    """Head-wise RMSNorm's gain is (H, 1, hd): a gain all the same, so no decay, like RMSNorm's."""
+    groups, adamw = [], torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, **kw: groups.extend(params) or adamw(params, **kw))
+    model = variant(tiny_config, "headwise")
+    path = tmp_path / "text.txt"
+    path.write_text("norm gains " * 200)
+    train(model, ByteData(load_corpus(str(path)), 16), TrainConfig(steps=1, weight_decay=0.1, eval_windows=4))
+    decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        is_gain = name.endswith("norm.weight") or name.endswith("head_norm_gain")
+        assert decay_of[id(p)] == (0.0 if is_gain else 0.1), name
+
+
+def test_edit_accepts_glob_patterns_like_record(tiny_config):
+    model = GPT(tiny_config)
+    idx = torch.randint(256, (2, 16))
+    with model.hooks(edit={"blocks.*.attn.hook_out": torch.zeros_like}, record="blocks.*.attn.hook_out") as cache:
+        edited, _ = model(idx)
+    assert all(cache[f"blocks.{i}.attn.hook_out"].abs().max() == 0 for i in range(2))
+    assert not torch.allclose(edited, model(idx)[0])
+
+
+def test_two_writers_of_one_checkpoint_both_end_with_a_whole_file(tiny_config, tmp_path, monkeypatch):
+    """A second run saves the same model while the first is between writing and renaming."""
+    model, path, real_save, interleaved = GPT(tiny_config), str(tmp_path / "ckpt.pt"), torch.save, []
+
+    def save_then_let_the_other_writer_finish(obj, f):
+        real_save(obj, f)
+        if not interleaved:
+            interleaved.append(True)
+            save_checkpoint(path, model, TrainConfig(), {"val_loss": [2.0]}, "data:1")
+
+    monkeypatch.setattr(torch, "save", save_then_let_the_other_writer_finish)
+    save_checkpoint(path, model, TrainConfig(), {"val_loss": [1.0]}, "data:1")
+    _, history = load_checkpoint(path)
+    assert history in ({"val_loss": [1.0]}, {"val_loss": [2.0]})
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
+
+
+def test_cache_key_holds_the_torch_version(tmp_path, monkeypatch):
+    trained_model("tiny", out_dir=str(tmp_path))
+    monkeypatch.setattr(torch, "__version__", "0.0.0")
+    trained_model("tiny", out_dir=str(tmp_path))  # another torch: trained anew, not loaded
+    assert len(os.listdir(tmp_path / "checkpoints")) == 2
+
+
+def test_a_folder_as_data_is_a_clear_error(tmp_path):
+    with pytest.raises(InputError, match="is a folder"):
+        load_corpus(str(tmp_path))
+
+
+def run_script_in_a_subprocess(body):
+    code = f"import model, sys\ndef main():\n    {body}\nmodel.run_script(main)"
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_quick_with_another_profile_is_an_error():
+    result = run_script_in_a_subprocess("model.setup(model.script_parser('x').parse_args(['--quick', '--profile', 'cpu']), 'x.py')")
+    assert result.returncode == 2 and result.stderr.startswith("error: --quick") and result.stderr.count("\n") == 1
+
+
+def test_unwritable_out_dir_is_a_one_line_error(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    args = f"['--quick', '--out_dir', {str(tmp_path / 'a_file' / 'out')!r}]"
+    result = run_script_in_a_subprocess(f"model.setup(model.script_parser('x').parse_args({args}), 'x.py')")
+    assert result.returncode == 2 and result.stderr.startswith("error: cannot write") and result.stderr.count("\n") == 1
+
+
+def test_ctrl_c_is_one_line_and_exit_130():
+    result = run_script_in_a_subprocess("raise KeyboardInterrupt")
+    assert result.returncode == 130
+    assert result.stderr.strip().count("\n") == 0 and "not saved" in result.stderr
+
+
+def test_gpu_profile_trains_two_steps_on_the_cpu(tmp_path):
+    """The gpu profile's model and recipe at a short T: no shape or dtype error reaches a GPU user.
+    The second half runs the bf16 autocast that CUDA training uses, here on the CPU."""
+    model_cfg, train_cfg = model_module.profile_configs("gpu")
+    model_cfg = dataclasses.replace(model_cfg, block_size=32)
+    train_cfg = dataclasses.replace(train_cfg, steps=2, batch_size=2, eval_windows=2, warmup_steps=1)
+    path = tmp_path / "text.txt"
+    path.write_text("def sink(token):\n    return token\n" * 100)
+    data = ByteData(load_corpus(str(path)), 32)
+    model = GPT(model_cfg)
+    history = train(model, data, train_cfg)
+    assert len(history["train_loss"]) == 2 and all(math.isfinite(v) for v in history["train_loss"] + history["val_loss"])
+    x, y = data.windows("train", 2, train_cfg.bos, torch.Generator().manual_seed(0), train_cfg.repeat_prob, train_cfg.random_prob)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = model(x, y)
+    loss.backward()
+    assert math.isfinite(loss.item())
