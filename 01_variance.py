@@ -15,10 +15,12 @@ What this script measures, on 64 held-out windows (and 64 random-token windows):
     aggregation before W_O) at each position, in two readings (model.variance_by_position):
     per dimension across windows, and across dimensions within one token; for the
     random-init model, the trained model on text, and the trained model on random tokens;
-  - var_ratio_token0: the within-token variance at position 0 over its mean at positions
-    >= 1. The within-token reading, because with a BOS token at position 0 every window's
-    token 0 is the same token at the same position, so its across-windows variance is
-    exactly 0 (Exercise 1);
+  - var_ratio_token0: the variance at position 0 over its mean at positions >= 1, in the
+    paper's reading (per dimension across windows). With a BOS token at position 0 (the
+    cpu_bos profile) every window's token 0 is the same token, its variance across windows
+    is exactly 0 (Exercise 1), and the ratio reads the within-token variance instead;
+  - the next-token loss on the held-out windows (for a pretrained model: the proof that it
+    was read correctly, far below ln of its vocabulary size);
   - per layer: the mean attention to token 0 (queries t >= 1, all heads), and the L2 norm of
     token 0's residual stream entering the block beside the others' mean (Fig. 3);
   - per layer: Kendall tau-b between the L2 norm of each W_O input column and token 0's
@@ -29,12 +31,15 @@ What this script measures, on 64 held-out windows (and 64 random-token windows):
 "Layer i" is the residual stream entering block i. A small model may not show every link;
 the script prints its numbers and says so.
 
-Run:  python 01_variance.py [--quick]      (figures and metrics.json in out/01_variance/)
+Run:  python 01_variance.py [--quick] [--model smollm2-135m]
+      (figures and metrics.json in out/01_variance/, or out/01_variance/<model>/)
 
 Exercises (cpu profile; each takes seconds once the model is cached)
   1. Reading. `variance_by_position` (model.py) takes the across-sequences variance over
-     dim 0 (the windows). Why is `var_by_position_trained["across_sequences"][0]` exactly 0,
-     and in which of the three cases? Check all three in metrics.json.
+     dim 0 (the windows). Run `python 01_variance.py --profile cpu_bos` (the recipe with a
+     BOS token that 05 uses; it trains in about 6 minutes). Why is
+     `var_by_position_trained["across_sequences"][0]` then exactly 0, and in which of the
+     three cases? Why not with the default profile?
   2. Reading. `kendall_tau_b` counts concordant minus discordant pairs. What does it give for
      a vector against itself, and against its reverse? How would you read a
      `wo_kendall_tau_by_layer` entry of 0?
@@ -43,25 +48,25 @@ Exercises (cpu profile; each takes seconds once the model is cached)
      with T = 64 (1 / mean over t = 1..63 of 1/(t+1)), then compare with the "init" entry.
      Which of the two readings in fig1's left panel falls off more like the dotted 1/(t+1)
      line, and why might text (bytes repeat within a window) fall short of the prediction?
-  4. Changing code. Add a flag `--random_without_bos` that builds the random-token windows
-     with `random_token_windows(..., bos=False)` and adds a fourth case "init_random_tokens"
-     to `by_case`: the random-init model on those windows (its metrics key is then
-     `var_by_position_init_random_tokens`). Predict the across-sequences variance at
-     position 0 over its mean at t >= 1 for that case, run, and compare with exercise 3.
-     Then look at the trained model on the same windows (`var_by_position_random_tokens`):
-     is token 0 still the across-sequences outlier once it is an ordinary random byte?
+  4. Changing code. Add a flag `--init_random_tokens` that adds a fourth case
+     "init_random_tokens" to `by_case`: the random-init model on the random-token windows
+     `x_random` (its metrics key is then `var_by_position_init_random_tokens`). Predict the
+     across-sequences variance at position 0 over its mean at t >= 1 for that case, run, and
+     compare with exercise 3: random bytes do not repeat the way text does.
 """
 import matplotlib
 
 matplotlib.use("Agg")
+import math
 import os
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from model import (GPT, first_token_attention, print_table, profile_configs, random_token_windows, run_script,
-                   script_parser, setup, trained_model, variance_by_position, write_metrics)
+from model import (GPT, first_token_attention, print_table, random_token_windows, run_script, script_parser, setup,
+                   studied_model, variance_by_position, write_metrics)
 
 N_WINDOWS = 64  # held-out windows (and random-token windows) for every measure
 SPIKE_NORM_RATIO = 2.0  # token 0's L2 norm over the others' mean that counts as the norm spike
@@ -189,28 +194,33 @@ def plot_wo(layers, taus, row_taus, post_ratio, path):
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
     args = setup(parser.parse_args(argv), __file__)
-    model_cfg, train_cfg = profile_configs(args.profile)
-    model, _ = trained_model(args.profile, "softmax", args.seed, args.dataset, args.device, args.out_dir)
-    model.eval()
+    model, x, bos = studied_model(args, N_WINDOWS)  # x: (N, T) held-out windows
+    model_cfg = model.config
     torch.manual_seed(args.seed)
-    init_model = GPT(model_cfg).to(args.device).eval()  # the trained model's own starting point
-    x, _ = args.dataset.windows("val", N_WINDOWS, train_cfg.bos, torch.Generator().manual_seed(args.seed))  # (N, T)
-    x_random = random_token_windows(N_WINDOWS, model_cfg.block_size, train_cfg.bos,
-                                    torch.Generator().manual_seed(args.seed + 1))  # (N, T)
+    init_model = GPT(model_cfg).to(args.device).eval()  # a random initialisation of the same model
+    vocabulary = 256 if args.model == "trained" else model_cfg.vocab_size  # bytes, or the pretrained vocabulary
+    x_random = random_token_windows(len(x), x.shape[1], bos, torch.Generator().manual_seed(args.seed + 1),
+                                    vocabulary).to(args.device)  # (N, T)
+    # With BOS, token 0 is the same in every window: its variance across windows is 0 by construction,
+    # so the ratio reads the variance within a token; without BOS, the paper's reading, across windows.
+    reading = "within_token" if bos else "across_sequences"
 
     # Fig. 1: the variance of layer 0's head outputs by position, three cases.
     by_case = {"init": layer0_variance(init_model, x, args.device),
                "trained": layer0_variance(model, x, args.device),
                "random_tokens": layer0_variance(model, x_random, args.device)}
-    ratio = {case: variance_ratio_token0(torch.tensor(v["within_token"])) for case, v in by_case.items()}
+    ratio = {case: variance_ratio_token0(torch.tensor(v[reading])) for case, v in by_case.items()}
 
     # Fig. 3 and 7: layer by layer, on the trained model and text.
     names = ["blocks.*.hook_resid_in", "blocks.*.attn.hook_pattern", "blocks.*.attn.hook_head_out_post",
              "blocks.*.attn.hook_out"]
     with torch.no_grad(), model.hooks(record=names) as cache:
-        model(x.to(args.device))
+        logits, _ = model(x)
+    loss = float(F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten()))  # next-token loss, held out
     layers = list(range(model_cfg.n_layer))
-    attention = [float(first_token_attention(cache[f"blocks.{i}.attn.hook_pattern"]).mean()) for i in layers]
+    by_head = [first_token_attention(cache[f"blocks.{i}.attn.hook_pattern"]) for i in layers]  # (H,) each
+    attention = [float(heads.mean()) for heads in by_head]
+    heads_over = [float((heads > SINK_THRESHOLD).float().mean()) for heads in by_head]  # Gu et al.'s sink rate
     norms = [cache[f"blocks.{i}.hook_resid_in"].norm(dim=-1) for i in layers]  # each (N, T)
     norm0, norm_others = [float(n[:, 0].mean()) for n in norms], [float(n[:, 1:].mean()) for n in norms]
     taus, row_taus, post_ratio = [], [], []
@@ -225,8 +235,10 @@ def main(argv=None) -> dict:
         "n_windows": N_WINDOWS,
         **{f"var_by_position_{case}": variance for case, variance in by_case.items()},
         "var_ratio_token0": ratio,
-        "var_ratio_reading": "within_token",
+        "var_ratio_reading": reading,
+        "held_out_loss": loss,
         "first_token_attention_by_layer": attention,
+        "heads_over_threshold_by_layer": heads_over,
         "first_token_norm_by_layer": norm0,
         "other_token_norm_by_layer": norm_others,
         "wo_kendall_tau_by_layer": taus,
@@ -242,7 +254,9 @@ def main(argv=None) -> dict:
                             os.path.join(args.script_dir, "fig3_attention_and_norm.png"))
     plot_wo(layers, taus, row_taus, post_ratio, os.path.join(args.script_dir, "fig7_wo_keeps_variance.png"))
 
-    print(f"{args.profile} model, {N_WINDOWS} held-out windows and {N_WINDOWS} random-token windows; "
+    print(f"{args.subject}: next-token loss on the held-out windows {loss:.3f} nats "
+          f"(uniform over the {model_cfg.vocab_size} tokens: {math.log(model_cfg.vocab_size):.2f})")
+    print(f"{args.subject}, {len(x)} held-out windows of {x.shape[1]} tokens and {len(x)} random-token windows; "
           f"layer-0 head outputs, variance at position 0 vs mean at t >= 1")
     rows = []
     for case, variance in by_case.items():
@@ -250,25 +264,26 @@ def main(argv=None) -> dict:
         rows.append([case, within[0], float(np.mean(within[1:])), ratio[case], across[0], float(np.mean(across[1:]))])
     print_table(rows, ["case", "within tok 0", "t >= 1", "ratio", "across seq 0", "t >= 1"])
     outliers = [case for case in by_case if ratio[case] > 1]
-    print("(the ratio uses the within-token reading: with BOS, token 0's across-sequences variance is 0)\n"
-          f"token 0 is the high-variance outlier (ratio > 1) in: {', '.join(outliers) or 'no case'}"
+    print(f"(the ratio uses the {reading.replace('_', ' ')} reading"
+          + ("; with BOS, token 0's across-sequences variance is 0)\n" if bos else ")\n")
+          + f"{args.subject}: token 0 is the high-variance outlier (ratio > 1) in: {', '.join(outliers) or 'no case'}"
           + ("" if len(outliers) == len(by_case) else
              f"; not in: {', '.join(c for c in by_case if c not in outliers)} (the paper's claim does not hold there)")
           + "\n")
     norm_ratio = [a / b for a, b in zip(norm0, norm_others)]
     row_tau_mean = metrics["wo_row_kendall_tau_mean_by_layer"]
-    print_table([[i, attention[i], norm0[i], norm_others[i], norm_ratio[i], taus[i], row_tau_mean[i], post_ratio[i]]
-                 for i in layers],
-                ["layer", "attn to 0", "norm 0", "norm others", "0/others", "W_O tau", "row tau mean",
-                 "var ratio after W_O"])
+    print_table([[i, attention[i], heads_over[i], norm0[i], norm_others[i], norm_ratio[i], taus[i], row_tau_mean[i],
+                  post_ratio[i]] for i in layers],
+                ["layer", "attn to 0", f"heads > {SINK_THRESHOLD}", "norm 0", "norm others", "0/others", "W_O tau",
+                 "row tau mean", "var ratio after W_O"])
     spike, sink = metrics["spike_layer"], metrics["sink_layer"]
-    print(f"\nfirst layer where token 0's norm reaches {SPIKE_NORM_RATIO:g}x the others': "
+    print(f"\n{args.subject}: first layer where token 0's norm reaches {SPIKE_NORM_RATIO:g}x the others': "
           f"{'none in this model' if spike is None else spike}; first layer with attention to token 0 >= "
           f"{SINK_THRESHOLD}: {'none in this model' if sink is None else sink}; the sink "
           + ("follows the spike (same layer or the next), as in the paper" if metrics["sink_follows_spike"] else
              "does not follow the spike within one layer here"))
     kept = [i for i in layers if post_ratio[i] > 1]
-    print(f"W_O: tau > 0 (W_O weighs token 0's high-spread dimensions more) in layers "
+    print(f"{args.subject}, W_O: tau > 0 (W_O weighs token 0's high-spread dimensions more) in layers "
           f"{[i for i in layers if taus[i] > 0] or 'none'}; token 0's variance stays above the others' after W_O "
           f"in layers {kept or 'none'}")
     return metrics

@@ -26,15 +26,18 @@ What this script measures, on 64 held-out windows:
     entry is one of token 0's massive dimensions (Fig. 10).
 A small model may show none of this; the script prints its numbers and says so.
 
-Run:  python 02_super_neurons.py [--quick]      (figures and metrics.json in out/02_super_neurons/)
+Run:  python 02_super_neurons.py [--quick] [--model smollm2-135m]
+      (figures and metrics.json in out/02_super_neurons/, or out/02_super_neurons/<model>/)
 
 Exercises (cpu profile; each takes seconds once the model is cached)
   1. Reading. `kurtosis` is E[(x - mean)^4] / var^2. What is it for a one-hot column of
      n_embd = 64 entries (the most heavy-tailed column there is), and for a Gaussian one?
      Check that `wdown_column_kurtosis` lies below the first.
-  2. Predicting. With a BOS token every window's token 0 is the same token. Before running,
-     predict `cosine_std_token0` (the spread over windows of token 0's cosine with the
-     W_gate row) and whether `cosine_std_others` is larger; check in metrics.json.
+  2. Predicting. Without BOS, token 0 is a different byte in every window. If the top unit
+     reacts to token 0's position and not to its byte, how should `cosine_std_token0` (the
+     spread over windows of token 0's cosine with the W_gate row) compare with
+     `cosine_std_others`? Check in metrics.json. Then predict both for
+     `--profile cpu_bos`, where token 0 is always the BOS token, and run it.
   3. Changing code. Add a flag `--z_threshold` that replaces SUPER_Z. Predict how the number
      of entries of `super_neurons` with `rule_met` changes from `--z_threshold 3` to
      `--z_threshold 2`, then run both.
@@ -52,8 +55,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from model import (massive_activation_ratio, print_table, profile_configs, row_norm_zscores, run_script,
-                   script_parser, setup, top_super_neuron, trained_model, write_metrics)
+from model import (early_layers, massive_activation_ratio, print_table, row_norm_zscores, run_script, script_parser,
+                   setup, studied_model, top_super_neuron, write_metrics)
 
 N_WINDOWS = 64  # held-out windows for every measure
 SUPER_Z = 3.0  # a super neuron: row-norm z-score >= SUPER_Z in both W_gate and W_up
@@ -128,21 +131,19 @@ def plot_wdown(sorted_magnitudes, kurt, top_dims, massive, path):
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
     args = setup(parser.parse_args(argv), __file__)
-    model_cfg, train_cfg = profile_configs(args.profile)
-    model, _ = trained_model(args.profile, "softmax", args.seed, args.dataset, args.device, args.out_dir)
-    model.eval()
-    x, _ = args.dataset.windows("val", N_WINDOWS, train_cfg.bos, torch.Generator().manual_seed(args.seed))  # (N, T)
+    model, x, _ = studied_model(args, N_WINDOWS)  # x: (N, T) held-out windows
+    model_cfg = model.config
     layers = list(range(model_cfg.n_layer))
     names = ["blocks.*.hook_resid_in", "blocks.*.attn.hook_out", "blocks.*.mlp.hook_gate", "blocks.*.mlp.hook_hidden",
              "hook_resid_final"]
     with torch.no_grad(), model.hooks(record=names) as cache:
-        model(x.to(args.device))
+        model(x)
 
     # Fig. 8: super neurons by weight, and the cross-check by activation on token 0.
     zs = [row_norm_zscores(model.blocks[i].mlp) for i in layers]
     hidden = [cache[f"blocks.{i}.mlp.hook_hidden"] for i in layers]  # each (N, T, ffn)
     argmax_by_layer = [int(h[:, 0].abs().mean(0).argmax()) for h in hidden]
-    top_layer, top_unit = top_super_neuron(model)  # layer 0 or 1, as in 04
+    top_layer, top_unit = top_super_neuron(model)  # in the early layers, as in 04
 
     def entry(layer, unit):
         z_gate, z_up = zs[layer]
@@ -201,13 +202,13 @@ def main(argv=None) -> dict:
     plot_wdown(metrics["wdown_column_sorted"], metrics["wdown_column_kurtosis"], top_dims, massive,
                os.path.join(args.script_dir, "fig10_wdown_column.png"))
 
-    print(f"{args.profile} model, {N_WINDOWS} held-out windows; rule: row-norm z >= {SUPER_Z:g} in both W_gate and "
-          f"W_up (the top unit of layer 0 or 1 by z sum is listed in any case)")
+    print(f"{args.subject}, {len(x)} held-out windows of {x.shape[1]} tokens; rule: row-norm z >= {SUPER_Z:g} in both "
+          f"W_gate and W_up (the top unit of layers {early_layers(model_cfg.n_layer)} by z sum is listed in any case)")
     print_table([[s["layer"], s["unit"], s["gate_norm_z"], s["up_norm_z"], s["token0_activation_ratio"],
                   "yes" if s["rule_met"] else "no", argmax_by_layer[s["layer"]]] for s in supers],
                 ["layer", "unit", "z W_gate", "z W_up", "|act| 0/others", "rule met", "argmax |act| on token 0"])
     n_rule_met = sum(s["rule_met"] for s in supers)
-    print(f"\n{n_rule_met} unit(s) meet the rule" + ("" if n_rule_met else
+    print(f"\n{args.subject}: {n_rule_met} unit(s) meet the rule" + ("" if n_rule_met else
           ": no super neuron by weight in this model (the top unit is listed anyway)")
           + f"\ntop unit: layer {top_layer} unit {top_unit}, |activation| on token 0 "
           f"{top['token0_activation_ratio']:.3g}x the others'; Yu et al.'s argmax on token 0 in that layer: "
@@ -216,9 +217,9 @@ def main(argv=None) -> dict:
                  ["activation", float(activation[:, 0].mean()), float(activation[:, 1:].mean())]],
                 ["Fig. 9", "token 0", "t >= 1 (mean)"])
     selective = metrics["cosine_token0"] > metrics["cosine_others"] and top["token0_activation_ratio"] > 1
-    print(f"token 0 {'is' if selective else 'is not'} selectively aligned and activated "
+    print(f"{args.subject}: token 0 {'is' if selective else 'is not'} selectively aligned and activated "
           "(higher cosine and larger |activation| than the others)")
-    print(f"\nW_down column: kurtosis {metrics['wdown_column_kurtosis']:.3g} (Gaussian: 3), top output dims {top_dims}; "
+    print(f"\n{args.subject}, W_down column: kurtosis {metrics['wdown_column_kurtosis']:.3g} (Gaussian: 3), top output dims {top_dims}; "
           f"token 0's massive dims after layer {top_layer}: {massive} (max/median {metrics['token0_massive_ratio']:.3g}); "
           + ("the largest W_down entry lands on one of them" if metrics["massive_dims_match"] else
              "the largest W_down entry is none of them: the channel-sparse route does not show here"))

@@ -16,10 +16,10 @@ What this script measures, on 64 held-out validation windows:
     measured where the paper measures it: after the block's RMSNorm, gain included
     (blocks.{i}.hook_attn_in, what the attention reads);
   - the mean cosine similarity between token 0's RMS-normalised attention inputs taken from
-    different windows, against the same at the other positions. With a BOS token every
-    window's token 0 is the same token at the same position, so its state is identical and
-    the cosine is 1 by construction; this measure therefore uses 64 windows whose first
-    token is a text byte, where "whatever the input" means something;
+    different windows, against the same at the other positions. Without BOS token 0 is a
+    different token in every window, so "whatever the input" means something. With a BOS
+    token (the cpu_bos profile) its state would be identical and the cosine 1 by
+    construction; the measure then uses 64 windows whose first token is text;
   - in the first layer whose input carries token 0's norm spike (token 0's L2 norm at least
     2x the others'; without one, the layer with the largest ratio), per head: |cos| between
     the sink key and W_Q's principal direction, and the share of queries scoring token 0
@@ -29,15 +29,18 @@ What this script measures, on 64 held-out validation windows:
 "Layer i" is the residual stream entering block i, as in 01. A small model may not show the
 disparity; the script prints its numbers and says so.
 
-Run:  python 03_dimension_disparity.py [--quick]      (figures and metrics.json in out/03_dimension_disparity/)
+Run:  python 03_dimension_disparity.py [--quick] [--model smollm2-135m]
+      (figures and metrics.json in out/03_dimension_disparity/, or out/03_dimension_disparity/<model>/)
 
 Exercises (cpu profile; each takes minutes once the model is cached)
   1. Reading. `dominance_ratio` (model.py) divides by the mean |x_i| over C = n_embd
      dimensions. What is the largest value it can take, and for which vector? Check that no
      entry of `dominance_ratio_token0_by_layer` exceeds it.
-  2. Predicting. Before running it: what would `token0_direction_cosine_by_layer` be if it
-     were measured on the BOS windows `x` instead of the text-first windows? Add a flag
-     `--direction_on_bos` that passes `x` to `direction_cosines` instead, run it, and compare.
+  2. Predicting. With `--profile cpu_bos` (a BOS token at position 0) the direction cosines
+     are measured on windows whose first token is text. What would
+     `token0_direction_cosine_by_layer` be on the BOS windows `x` themselves? Add a flag
+     `--direction_on_bos` that passes `x` to `direction_cosines` instead, run it with
+     `--profile cpu_bos`, and compare.
   3. Predicting. The sink key is the same in every window, but the queries are rotated by
      RoPE. Predict whether a head with `qk_alignment_by_head` near 1 must have a
      `positive_score_ratio_by_head` near 0 or 1, then look at the printed head table.
@@ -55,8 +58,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import (dominance_ratio, effective_rank, print_table, profile_configs, run_script, script_parser, setup,
-                   trained_model, write_metrics)
+from model import (dominance_ratio, effective_rank, print_table, run_script, script_parser, setup, studied_model,
+                   write_metrics)
 
 N_WINDOWS = 64  # held-out windows for every measure
 SPIKE_NORM_RATIO = 2.0  # token 0's L2 norm over the others' mean that counts as the norm spike (as in 01)
@@ -159,15 +162,15 @@ def plot_effective_rank(layers, ranks, n_embd, path):
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
     args = setup(parser.parse_args(argv), __file__)
-    model, _ = trained_model(args.profile, "softmax", args.seed, args.dataset, args.device, args.out_dir)
-    model.eval()
-    model_cfg, train_cfg = profile_configs(args.profile)
-    x, _ = args.dataset.windows("val", N_WINDOWS, train_cfg.bos, torch.Generator().manual_seed(args.seed))  # (N, T)
-    x_text_first, _ = args.dataset.windows("val", N_WINDOWS, False, torch.Generator().manual_seed(args.seed + 1))
+    model, x, bos = studied_model(args, N_WINDOWS)  # x: (N, T) held-out windows
+    model_cfg = model.config
+    # With BOS, token 0 is the same in every window and its direction trivially fixed: measure it on windows
+    # whose first token is text. Without BOS, x's first tokens already vary.
+    x_text_first = args.dataset.windows("val", len(x), False, torch.Generator().manual_seed(args.seed + 1))[0] if bos else x
 
     with torch.no_grad(), model.hooks(record=["blocks.*.hook_resid_in", "blocks.*.hook_attn_in", "blocks.*.attn.hook_q",
                                               "blocks.*.attn.hook_k"]) as cache:
-        model(x.to(args.device))
+        model(x)
     layers = list(range(model_cfg.n_layer))
     resid = [cache[f"blocks.{i}.hook_resid_in"] for i in layers]  # each (N, T, C)
     normalised = [cache[f"blocks.{i}.hook_attn_in"] for i in layers]  # after the block's RMSNorm, gain included
@@ -203,18 +206,19 @@ def main(argv=None) -> dict:
     plot_qk_locking(alignment, positive, spike_layer, os.path.join(args.script_dir, "fig12_qk_locking.png"))
     plot_effective_rank(layers, ranks, model_cfg.n_embd, os.path.join(args.script_dir, "fig15_effective_rank.png"))
 
-    print(f"{args.profile} model, {N_WINDOWS} held-out windows (direction cosines: {N_WINDOWS} text-first windows)")
+    print(f"{args.subject}, {len(x)} held-out windows of {x.shape[1]} tokens"
+          + (f" (direction cosines: {len(x)} windows whose first token is text)" if bos else ""))
     print_table([[i, norm_ratio[i], dominance0[i], dominance_others[i], dominance0[i] / dominance_others[i],
                   cos0[i], cos_others[i], ranks[i]] for i in layers],
                 ["layer", "norm 0/others", "dominance 0", "others", "0/others", "cos 0", "cos others", "eff. rank"])
     chance = float(np.sqrt(2 / (np.pi * model.blocks[0].attn.head_dim)))  # E|cos| of random directions in hd dims
-    print(f"\nQK locking in layer {spike_layer} (first layer whose input has token 0's norm >= "
+    print(f"\n{args.subject}, QK locking in layer {spike_layer} (first layer whose input has token 0's norm >= "
           f"{SPIKE_NORM_RATIO:g}x the others'{'' if spiked else '; none has, so the largest ratio'}); "
           f"|cos| of random directions ~ {chance:.2f}")
     print_table([[h, alignment[h], positive[h]] for h in range(len(alignment))], ["head", "alignment", "q.k0 > 0"])
     best = int(np.argmax([a / b for a, b in zip(dominance0, dominance_others)]))
     best_ratio = dominance0[best] / dominance_others[best]
-    print(f"\ntoken 0's dominance ratio is at most {best_ratio:.1f}x the others' (layer {best}): "
+    print(f"\n{args.subject}: token 0's dominance ratio after RMSNorm is at most {best_ratio:.1f}x the others' (layer {best}): "
           + ("dimension disparity." if best_ratio >= 10 else
              "below 10x, so this model shows no clear dimension disparity (Llama-2: about 263 at layer 2)."))
     return metrics

@@ -28,7 +28,8 @@ blocks.{i}.attn.hook_head_out (before W_O). The super neuron is the FFN unit of 
 with the largest W_gate / W_up row-norm z-score (as in 02). A small model may show none of
 this; the script prints its numbers and says so.
 
-Run:  python 04_interventions.py [--quick] [--k 10] [--from_layer 0]   (out/04_interventions/)
+Run:  python 04_interventions.py [--quick] [--model smollm2-135m] [--k 10] [--from_layer 0]
+      (figures and metrics.json in out/04_interventions/, or out/04_interventions/<model>/)
 
 Exercises (cpu profile; each takes minutes once the model is cached)
   1. Reading. `amplified` and `norm_matched` leave every tensor unchanged at lambda = 1.
@@ -54,8 +55,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from model import (InputError, dominance_ratio, early_layers, print_table, profile_configs, row_norm_zscores, run_script,
-                   script_parser, self_only_mask, setup, token0_unit, top_super_neuron, trained_model, write_metrics)
+from model import (InputError, dominance_ratio, early_layers, print_table, row_norm_zscores, run_script, script_parser,
+                   self_only_mask, setup, studied_model, token0_unit, top_super_neuron, write_metrics)
 
 N_WINDOWS = 64  # held-out windows for every measure
 LAMBDAS = (1, 2, 4, 8, 16, 32)
@@ -166,17 +167,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--k", type=int, default=None, help="the position to turn into a sink (default 10)")
     parser.add_argument("--from_layer", type=int, default=0, help="intervene in this layer and the later ones")
     args = setup(parser.parse_args(argv), __file__)
-    model_cfg, train_cfg = profile_configs(args.profile)
-    T, n_layer = model_cfg.block_size, model_cfg.n_layer
+    model, x, _ = studied_model(args, N_WINDOWS)  # x: (N, T) held-out windows
+    T, n_layer = x.shape[1], model.config.n_layer
     k = args.k if args.k is not None else (10 if T > 10 else T // 2)
-    if not 1 <= k < T:
-        raise InputError(f"--k {k} is outside the window: choose 1..{T - 1} (token 0 already attends only to itself)")
+    if not 1 <= k < T - 1:
+        raise InputError(f"--k {k} is outside the window of {T} tokens: choose 1..{T - 2} "
+                         "(token 0 already attends only to itself, and the last token has no later query)")
     if not 0 <= args.from_layer < n_layer - 1:
         raise InputError(f"--from_layer {args.from_layer}: choose 0..{n_layer - 2}, so that a later layer can see the change")
-    model, _ = trained_model(args.profile, "softmax", args.seed, args.dataset, args.device, args.out_dir)
-    model.eval()
-    x, _ = args.dataset.windows("val", N_WINDOWS, train_cfg.bos, torch.Generator().manual_seed(args.seed))
-    x = x.to(args.device)  # (N, T)
     intervened = list(range(args.from_layer, n_layer))
     measured = list(range(args.from_layer + 1, n_layer))  # the layers whose keys at k the intervention reaches
     neuron = find_super_neuron(model, x)
@@ -238,7 +236,7 @@ def main(argv=None) -> dict:
     plot_mask(received_baseline.numpy(), received_masked.numpy(), k, os.path.join(args.script_dir, "fig5_mask_intervention.png"))
     plot_amplification(LAMBDAS, attention_to_k, k, os.path.join(args.script_dir, "fig6_variance_amplification.png"))
 
-    print(f"{args.profile} model, {N_WINDOWS} held-out windows; intervened in layers {intervened}, "
+    print(f"{args.subject}, {len(x)} held-out windows of {T} tokens; intervened in layers {intervened}, "
           f"attention averaged over layers {measured} and their heads")
     rows = [["attention received by token 0", float(received_baseline[0]), float(received_masked[0])],
             [f"attention received by token k = {k}", float(received_baseline[k]), float(received_masked[k])],
@@ -255,15 +253,15 @@ def main(argv=None) -> dict:
                 ["λ", "variance", "norm ctrl", "variance (own)", "norm ctrl (own)",
                  "neuron at k", "(ctrl)", "dominance at k", "(ctrl)"])
     u = token0_unit_chain
-    print(f"the chain at k under the mask: the token-0 unit (layer {u['layer']} unit {u['unit']}, found by activation: "
+    print(f"{args.subject}, the chain at k under the mask: the token-0 unit (layer {u['layer']} unit {u['unit']}, found by activation: "
           f"{u['token0_ratio']:.1f}x on token 0) gives |activation| {u['at_k_masked']:.3g} at k masked, "
           f"{u['at_k_unmasked']:.3g} unmasked ({u['at_k_masked'] / max(u['at_k_unmasked'], 1e-12):.1f}x; "
           f"token 0: {u['at_token0']:.3g})")
     gain = float(received_masked[k] / received_baseline[k])
-    print(f"\nmask: the sink {'moves' if sink_moved else 'does not move'} to k = {k} (argmax {sink}, "
+    print(f"\n{args.subject}, mask: the sink {'moves' if sink_moved else 'does not move'} to k = {k} (argmax {sink}, "
           f"{float(received_masked[k]):.3g} received, {gain:.1f}x the baseline)")
     variance_top, control_top = attention_to_k[("positions", "variance")][-1], attention_to_k[("positions", "norm_control")][-1]
-    print(f"amplification at λ = {LAMBDAS[-1]}: attention to k {variance_top:.3g} (variance) vs {control_top:.3g} (norm control)"
+    print(f"{args.subject}, amplification at λ = {LAMBDAS[-1]}: attention to k {variance_top:.3g} (variance) vs {control_top:.3g} (norm control)"
           + ("" if variance_top >= SINK_THRESHOLD else f"; below {SINK_THRESHOLD}, so no sink at k in this model"))
     return metrics
 

@@ -12,9 +12,11 @@ and its validation loss falls faster, over several seeds (Fig. 16). Sigmoid atte
 sum-to-one constraint) and gated attention (o_{t,h} * sigmoid(W_g x_t), Fig. 23) are the
 comparisons.
 
-What this script does. It trains the four variants of model.py with the profile's recipe,
+What this script does. It trains the four variants of model.py with the profile's recipe
+(on the CPU by default `cpu_bos`: the series' own cpu recipe grows no full sink without a BOS
+token, so 05 takes the recipe with a BOS token whose layer-0 sink a fix can remove; README),
 the same token budget and the same data order, for each of --seeds seeds (seed --seed,
---seed + 1, ...; seed 0 softmax is the model 01-04 use). The checkpoint cache keeps every
+--seed + 1, ...). The checkpoint cache keeps every
 run, so a second call only analyses. It prints the expected training time first: the time
 of 3 training steps measured here, times the profile's steps (an estimate; validation and
 progress bars add a little). Then, on 64 held-out windows, per variant (mean over seeds):
@@ -42,7 +44,7 @@ says whether each of the paper's claims holds here.
 Run:  python 05_pretrain_headwise.py [--quick] [--variants softmax,headwise] [--seeds 3]
       (figures and metrics.json in out/05_pretrain_headwise/; checkpoints in out/checkpoints/)
 
-Exercises (cpu profile; a new training takes about 6 minutes on 2 cores, analysis seconds)
+Exercises (cpu_bos profile; a new training takes about 6 minutes on 2 cores, analysis seconds)
   1. Reading, then changing code. `steps_to_reach` only looks at evaluated steps, so
      `steps_to_baseline_loss` moves in jumps of eval_interval (500). Predict how far off it
      can be, then make `steps_to_reach` interpolate linearly between the two evaluations
@@ -55,7 +57,7 @@ Exercises (cpu profile; a new training takes about 6 minutes on 2 cores, analysi
      `CausalSelfAttention.forward` (model.py) subtract each head vector's mean over its
      head_dim before `rms_normalize`. The cache keys on configs, not code, so run in a fresh
      folder that holds only the baseline:
-       mkdir -p out_ln/checkpoints && cp out/checkpoints/cpu-softmax-seed0-*.pt out_ln/checkpoints/
+       mkdir -p out_ln/checkpoints && cp out/checkpoints/cpu_bos-softmax-seed0-*.pt out_ln/checkpoints/
        python 05_pretrain_headwise.py --variants softmax,headwise --out_dir out_ln
      Compare `val_loss_final["headwise"]` and `first_token_attention_by_layer` with out/.
   4. Changing code. A first trial without a sink (1500 steps) found head-wise 0.09 nats
@@ -65,7 +67,7 @@ Exercises (cpu profile; a new training takes about 6 minutes on 2 cores, analysi
      value, and rerun as in 3 (--out_dir out_gain). Does the gap in `val_loss_final` between
      headwise and softmax close?
   5. Predicting. Gu et al. find that a larger weight decay makes sinks stronger. Add
-     weight_decay=0.5 to PROFILES["cpu"]["train"] (model.py; a new config retrains by itself)
+     weight_decay=0.5 to PROFILES["cpu_bos"]["train"] (model.py; a new config retrains by itself)
      and run `--variants softmax` (then weight_decay=0.0, if you have another 6 minutes).
      Predict, then compare with the default 0.1, the maxima of
      `first_token_attention_by_layer["softmax"]` and `dominance_ratio_token0_by_layer["softmax"]`.

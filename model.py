@@ -307,17 +307,11 @@ def load_corpus(path=None, corpus="stdlib"):
     return text
 
 
-class ByteData:
-    """A corpus as byte tokens, split 95/5 into train and validation, served as windows."""
+class TokenData:
+    """Train and validation token ids (1-D tensors), served as windows of block_size tokens."""
 
-    def __init__(self, text, block_size, name="corpus"):
-        n_val = max(len(text) // 20, block_size + 1)
-        if len(text) - n_val < block_size + 1:
-            raise InputError(f"{name} has {len(text)} bytes: too short for a train and a validation window of {block_size + 1}")
-        tokens = torch.frombuffer(bytearray(text), dtype=torch.uint8)
-        self.train, self.val = tokens[:-n_val], tokens[-n_val:]
-        self.block_size = block_size
-        self.fingerprint = f"{name}:{len(text)}:{hashlib.sha1(text).hexdigest()[:12]}"
+    def __init__(self, train, val, block_size, fingerprint):
+        self.train, self.val, self.block_size, self.fingerprint = train, val, block_size, fingerprint
 
     def windows(self, split, n, bos, generator, repeat_prob=0.0, random_prob=0.0):
         """n windows (x, y), each (n, T) int64 on the CPU; y is x shifted by one.
@@ -338,6 +332,28 @@ class ByteData:
         return text[:, :-1], text[:, 1:]
 
 
+class ByteData(TokenData):
+    """A corpus as byte tokens, split 95/5 into train and validation."""
+
+    def __init__(self, text, block_size, name="corpus"):
+        n_val = max(len(text) // 20, block_size + 1)
+        if len(text) - n_val < block_size + 1:
+            raise InputError(f"{name} has {len(text)} bytes: too short for a train and a validation window of {block_size + 1}")
+        tokens = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+        super().__init__(tokens[:-n_val], tokens[-n_val:], block_size, f"{name}:{len(text)}:{hashlib.sha1(text).hexdigest()[:12]}")
+
+
+def held_out_tokens(tokenizer, block_size, text=None):
+    """A pretrained model's held-out windows: the validation 5 % of the corpus (the default one, or
+    --data's), tokenized by the model's own tokenizer, as a TokenData without a training part."""
+    text = load_corpus() if text is None else text
+    val_text = text[-max(len(text) // 20, 1):].decode("utf-8", errors="replace")
+    val = torch.tensor(tokenizer.encode(val_text), dtype=torch.long)
+    if len(val) < block_size + 1:
+        raise InputError(f"the held-out text has {len(val)} tokens: too few for a window of {block_size + 1}")
+    return TokenData(val[:0], val, block_size, f"tokens:{len(val)}")
+
+
 def repeat_span(row, generator):
     """Copy a span of row (length T/8 to 3T/8) to a later, non-overlapping place, in place.
     The second copy is predictable only by looking back (an induction head), so the heads
@@ -350,9 +366,9 @@ def repeat_span(row, generator):
     row[target:target + length] = row[source:source + length].clone()
 
 
-def random_token_windows(n, block_size, bos, generator):
-    """(n, T) uniformly random bytes, with BOS at position 0 if the model was trained with it."""
-    x = torch.randint(256, (n, block_size), generator=generator)
+def random_token_windows(n, block_size, bos, generator, vocab_size=256):
+    """(n, T) uniformly random tokens (bytes by default), with BOS at position 0 if the model was trained with it."""
+    x = torch.randint(vocab_size, (n, block_size), generator=generator)
     if bos:
         x[:, 0] = BOS
     return x
@@ -520,7 +536,7 @@ def training_environment(device):
     device's kind and precision. Not keyed: the code itself (edit model.py's model or training
     loop and you must delete out/checkpoints yourself), nor the exact GPU or CPU."""
     device = torch.device(device)
-    return {"torch": torch.__version__, "device": device.type, "precision": "bf16" if device.type == "cuda" else "fp32"}
+    return {"torch": str(torch.__version__), "device": device.type, "precision": "bf16" if device.type == "cuda" else "fp32"}
 
 
 def checkpoint_path(profile, attn, seed, data, device, out_dir):
@@ -617,6 +633,9 @@ def variance_by_position(head_out):
 
 # ----------------------------------------------------------------------------- 6. scripts
 
+PRETRAINED_WINDOW = 64  # tokens per held-out window of a pretrained model: 30 layers on 2 CPU cores take time
+
+
 def pick_device(name="auto"):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -639,6 +658,9 @@ def script_parser(doc):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out_dir", default="out")
     parser.add_argument("--quick", action="store_true", help="the tiny profile: a first look in seconds")
+    parser.add_argument("--model", default="trained",
+                        help="trained (the profile's model, trained here and cached; default), smollm2-135m, or the "
+                             "path of a Llama-architecture .gguf file or Hugging Face folder")
     return parser
 
 
@@ -650,9 +672,16 @@ def setup(args, script_file, cpu_profile="cpu"):
         raise InputError(f"--quick is the tiny profile; it cannot be combined with --profile {args.profile}")
     args.profile = "tiny" if args.quick else args.profile or ("gpu" if args.device.type == "cuda" else cpu_profile)
     model_cfg, train_cfg = profile_configs(args.profile)
-    name = train_cfg.corpus if args.data is None else os.path.basename(args.data)
-    args.dataset = ByteData(load_corpus(args.data, train_cfg.corpus), model_cfg.block_size, name)
     args.script_dir = os.path.join(args.out_dir, os.path.splitext(os.path.basename(script_file))[0])
+    if args.model == "trained":
+        name = train_cfg.corpus if args.data is None else os.path.basename(args.data)
+        args.dataset = ByteData(load_corpus(args.data, train_cfg.corpus), model_cfg.block_size, name)
+        args.subject = f"{args.profile} model"
+    else:  # a pretrained model: loaded once here, its held-out windows in its own tokens
+        args.pretrained, tokenizer = load_pretrained(args.model, args.device)
+        args.dataset = held_out_tokens(tokenizer, PRETRAINED_WINDOW, None if args.data is None else load_corpus(args.data))
+        args.subject = os.path.splitext(os.path.basename(os.path.normpath(args.model)))[0]
+        args.script_dir = os.path.join(args.script_dir, args.subject)
     try:
         os.makedirs(args.script_dir, exist_ok=True)
         with tempfile.TemporaryFile(dir=args.script_dir):  # fail now, not after minutes of training
@@ -661,6 +690,18 @@ def setup(args, script_file, cpu_profile="cpu"):
         raise InputError(f"cannot write to --out_dir {args.out_dir}: {e.strerror}") from None
     torch.manual_seed(args.seed)
     return args
+
+
+def studied_model(args, n_windows, seed_offset=0):
+    """The model a script studies (eval mode) and n_windows of its held-out windows on the device:
+    (model, x (n_windows, T), bos). The trained model comes from the cache, or is trained now."""
+    if args.model == "trained":
+        model, _ = trained_model(args.profile, "softmax", args.seed, args.dataset, args.device, args.out_dir)
+        bos = profile_configs(args.profile)[1].bos
+    else:
+        model, bos = args.pretrained, False
+    x, _ = args.dataset.windows("val", n_windows, bos, torch.Generator().manual_seed(args.seed + seed_offset))
+    return model.eval(), x.to(args.device), bos
 
 
 def write_metrics(metrics, folder):

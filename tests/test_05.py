@@ -1,6 +1,6 @@
 """Tests of 05_pretrain_headwise.py: the script through main(["--quick"]), its measures on inputs with
 known answers, and (group `claims_long`: hours of CPU, not run by CI) the paper's claims over 3 seeds
-on the cpu profile: python -m pytest -m claims_long tests/test_05.py"""
+on the cpu_bos profile: python -m pytest -m claims_long tests/test_05.py"""
 import json
 import math
 import os
@@ -111,14 +111,14 @@ def test_steps_to_reach():
     assert pretrain.steps_to_reach(steps, losses, 0.5) is None
 
 
-# ----------------------------------------------------------------------------- claims (cpu profile, 3 seeds)
+# ----------------------------------------------------------------------------- claims (cpu_bos profile, 3 seeds)
 
 OUT = os.path.join(ROOT, "out")  # shares the checkpoint cache with 01-04: seed 0 softmax is not trained again
 
 
 @pytest.fixture(scope="module")
 def cpu_05():
-    return pretrain.main(["--profile", "cpu", "--seeds", "3", "--out_dir", OUT])
+    return pretrain.main(["--profile", "cpu_bos", "--seeds", "3", "--out_dir", OUT])
 
 
 @pytest.mark.claims_long

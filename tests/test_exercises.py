@@ -18,8 +18,8 @@ pytestmark = pytest.mark.exercises
 OUT = os.path.join(ROOT, "out")
 
 
-def run(filename, *flags):
-    return load_script(filename).main(["--profile", "cpu", "--out_dir", OUT, *flags])
+def run(filename, *flags, profile="cpu"):
+    return load_script(filename).main(["--profile", profile, "--out_dir", OUT, *flags])
 
 
 def require(filename, text):
@@ -39,7 +39,7 @@ def uniform_attention_ratio(T):
 # ----------------------------------------------------------------------------- 01 and 02
 
 def test_01_exercise_1_across_sequences_variance_of_bos_is_zero():
-    metrics = run("01_variance.py")
+    metrics = run("01_variance.py", profile="cpu_bos")
     for case in ("init", "trained", "random_tokens"):  # BOS at position 0 in all three
         assert metrics[f"var_by_position_{case}"]["across_sequences"][0] == pytest.approx(0, abs=1e-12)
 
@@ -59,8 +59,8 @@ def test_01_exercise_3_uniform_attention_prediction_bounds_the_init_ratio():
 
 
 def test_01_exercise_4_random_init_on_random_tokens_follows_one_over_t_plus_one():
-    require("01_variance.py", '"--random_without_bos"')
-    across = run("01_variance.py", "--random_without_bos")["var_by_position_init_random_tokens"]["across_sequences"]
+    require("01_variance.py", '"--init_random_tokens"')
+    across = run("01_variance.py", "--init_random_tokens")["var_by_position_init_random_tokens"]["across_sequences"]
     # near-uniform attention at init, independent values: the prediction of exercise 3 holds (17.8 measured, seed 0)
     predicted = uniform_attention_ratio(profile_configs("cpu")[0].block_size)
     assert across[0] / np.mean(across[1:]) == pytest.approx(predicted, rel=0.2)
@@ -75,8 +75,8 @@ def test_02_exercise_1_kurtosis_is_at_most_the_one_hot_value():
     assert run("02_super_neurons.py")["wdown_column_kurtosis"] <= one_hot
 
 
-def test_02_exercise_2_token0_cosine_is_the_same_in_every_window():
-    metrics = run("02_super_neurons.py")
+def test_02_exercise_2_with_bos_token0_cosine_is_the_same_in_every_window():
+    metrics = run("02_super_neurons.py", profile="cpu_bos")
     assert metrics["cosine_std_token0"] == pytest.approx(0, abs=1e-5)
     assert metrics["cosine_std_others"] > metrics["cosine_std_token0"]
 
@@ -105,7 +105,7 @@ def test_02_exercise_4_ablating_the_super_neuron_removes_token0s_massive_activat
 
 def test_03_exercise_2_on_bos_windows_token0_has_one_direction():
     require("03_dimension_disparity.py", '"--direction_on_bos"')
-    metrics = run("03_dimension_disparity.py", "--direction_on_bos")
+    metrics = run("03_dimension_disparity.py", "--direction_on_bos", profile="cpu_bos")
     assert all(c == pytest.approx(1, abs=1e-4) for c in metrics["token0_direction_cosine_by_layer"])
 
 
@@ -186,12 +186,12 @@ def test_exercise_3_headwise_layernorm_gives_mean_0_and_variance_1(tiny_config):
 
 
 def test_exercise_4_headwise_starts_at_the_baselines_size():
-    headwise_cfg, train_cfg = profile_configs("cpu", "headwise")
+    headwise_cfg, train_cfg = profile_configs(pretrain.DEFAULT_PROFILE, "headwise")
     if (GPT(headwise_cfg).blocks[0].attn.head_norm_gain == 1).all():
         pytest.skip("not implemented yet: head_norm_gain still starts at 1")
     x = random_token_windows(16, headwise_cfg.block_size, train_cfg.bos, torch.Generator().manual_seed(0))
     torch.manual_seed(0)
-    baseline = head_outputs(GPT(profile_configs("cpu", "softmax")[0]), x)
+    baseline = head_outputs(GPT(profile_configs(pretrain.DEFAULT_PROFILE, "softmax")[0]), x)
     torch.manual_seed(0)
     headwise = head_outputs(GPT(headwise_cfg), x)
     ratio = float(headwise.pow(2).mean().sqrt() / baseline.pow(2).mean().sqrt())  # RMS of W_O's input at init

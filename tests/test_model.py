@@ -301,6 +301,8 @@ def test_two_writers_of_one_checkpoint_both_end_with_a_whole_file(tiny_config, t
 
 def test_cache_key_holds_the_torch_version(tmp_path, monkeypatch):
     trained_model("tiny", out_dir=str(tmp_path))
+    trained_model("tiny", out_dir=str(tmp_path))  # the same environment: loaded from the cache
+    assert len(os.listdir(tmp_path / "checkpoints")) == 1
     monkeypatch.setattr(torch, "__version__", "0.0.0")
     trained_model("tiny", out_dir=str(tmp_path))  # another torch: trained anew, not loaded
     assert len(os.listdir(tmp_path / "checkpoints")) == 2

@@ -1,0 +1,92 @@
+"""The paper's claims on a real pretrained model, SmolLM2-135M (issue 10): the scripts 01-04 run
+with --model smollm2-135m, and each claim is checked on their metrics with the field's thresholds
+(Gu et al.'s epsilon = 0.3). Needs the extras of README's setup line; run with `pytest -m claims`."""
+import os
+
+import pytest
+
+from conftest import ROOT, load_script
+
+pytestmark = pytest.mark.claims
+OUT = os.path.join(ROOT, "out")
+SINK_THRESHOLD = 0.3  # Gu et al.'s epsilon
+FIRST_SINK_LAYER = 3  # "a sink in most layers from layer 3 on"
+
+
+def run(filename):
+    for package in ("gguf", "tokenizers", "safetensors"):
+        pytest.importorskip(package)
+    return load_script(filename).main(["--model", "smollm2-135m", "--out_dir", OUT])
+
+
+@pytest.fixture(scope="module")
+def smollm2_01():
+    return run("01_variance.py")
+
+
+@pytest.fixture(scope="module")
+def smollm2_02():
+    return run("02_super_neurons.py")
+
+
+@pytest.fixture(scope="module")
+def smollm2_03():
+    return run("03_dimension_disparity.py")
+
+
+@pytest.fixture(scope="module")
+def smollm2_04():
+    return run("04_interventions.py")
+
+
+def test_a_sink_in_most_layers_from_layer_3_on(smollm2_01):
+    """Mean attention to token 0 >= 0.3 with >= 50 % of the layer's heads over 0.3, in most layers from 3 on."""
+    attention, share = smollm2_01["first_token_attention_by_layer"], smollm2_01["heads_over_threshold_by_layer"]
+    sinks = [a >= SINK_THRESHOLD and s >= 0.5 for a, s in zip(attention, share)][FIRST_SINK_LAYER:]
+    assert sum(sinks) > len(sinks) / 2, (
+        f"{sum(sinks)} of {len(sinks)} layers from {FIRST_SINK_LAYER} on are sinks; attention to token 0 by layer "
+        f"{[round(a, 2) for a in attention]}, share of heads over {SINK_THRESHOLD} {[round(s, 2) for s in share]}")
+
+
+def test_token0_variance_above_the_others_at_init(smollm2_01):
+    assert smollm2_01["var_ratio_token0"]["init"] > 1, smollm2_01["var_ratio_token0"]
+
+
+def test_token0_variance_above_the_others_after_training_on_random_tokens(smollm2_01):
+    assert smollm2_01["var_ratio_token0"]["random_tokens"] > 1, smollm2_01["var_ratio_token0"]
+
+
+def test_a_super_neuron_in_the_first_layers_writes_token0s_massive_dimensions(smollm2_02):
+    """Found by W_gate and W_up row norms (z >= 3 in both), firing >= 10x on token 0, its W_down
+    column's top dimensions among token 0's massive dimensions after that layer."""
+    top = smollm2_02["top_super_neuron"]
+    assert top["rule_met"], f"top unit by row norms: {top}"
+    assert top["token0_activation_ratio"] >= 10, f"top unit's |activation| on token 0 over the others': {top}"
+    assert smollm2_02["massive_dims_match"], (
+        f"W_down top dims {smollm2_02['wdown_top_dims']} vs token 0's massive dims {smollm2_02['massive_dims']}")
+
+
+def test_token0_direction_after_rmsnorm_is_near_constant(smollm2_03):
+    """From the first layer of token 0's norm spike on, the mean pairwise cosine of token 0's
+    normalised state across windows is >= 0.9 (the others' for comparison in the message)."""
+    after = smollm2_03["token0_direction_cosine_by_layer"][smollm2_03["spike_layer"]:]
+    others = smollm2_03["others_direction_cosine_by_layer"][smollm2_03["spike_layer"]:]
+    assert min(after) >= 0.9, f"from layer {smollm2_03['spike_layer']} on: token 0 {after}, others {others}"
+
+
+def test_the_mask_moves_the_sink_to_k(smollm2_04):
+    k, received = smollm2_04["k"], smollm2_04["attention_received_masked"]
+    argmax = max(range(1, len(received)), key=received.__getitem__)
+    assert smollm2_04["sink_moved_to_k"], f"k = {k} receives {received[k]:.3f}; the argmax over positions >= 1 is {argmax}"
+
+
+def test_variance_amplification_makes_a_sink_at_k(smollm2_04):
+    """The paper: as lambda grows, attention to k grows, to a sink."""
+    variance = smollm2_04["attention_to_k_variance"]
+    assert variance[-1] > variance[0] and variance[-1] >= SINK_THRESHOLD, f"attention to k by lambda: {variance}"
+
+
+def test_the_norm_control_does_not(smollm2_04):
+    """The paper: the same norm without the variance profile does not create a sink (below a third of the variance arm)."""
+    variance, control = smollm2_04["attention_to_k_variance"], smollm2_04["attention_to_k_norm_control"]
+    assert control[-1] < variance[-1] / 3, f"at lambda = 32: variance arm {variance[-1]:.3f}, norm control {control[-1]:.3f}"
