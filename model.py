@@ -633,7 +633,9 @@ def variance_by_position(head_out):
 
 # ----------------------------------------------------------------------------- 6. scripts
 
-PRETRAINED_WINDOW = 64  # tokens per held-out window of a pretrained model: 30 layers on 2 CPU cores take time
+# A pretrained model's held-out windows: 16 windows of 64 tokens, so that each script runs SmolLM2's
+# 30 layers in under 2 minutes on 2 CPU cores. On a GPU, raise both for steadier numbers.
+PRETRAINED_WINDOW, PRETRAINED_N_WINDOWS = 64, 16
 
 
 def pick_device(name="auto"):
@@ -699,7 +701,7 @@ def studied_model(args, n_windows, seed_offset=0):
         model, _ = trained_model(args.profile, "softmax", args.seed, args.dataset, args.device, args.out_dir)
         bos = profile_configs(args.profile)[1].bos
     else:
-        model, bos = args.pretrained, False
+        model, bos, n_windows = args.pretrained, False, min(n_windows, PRETRAINED_N_WINDOWS)
     x, _ = args.dataset.windows("val", n_windows, bos, torch.Generator().manual_seed(args.seed + seed_offset))
     return model.eval(), x.to(args.device), bos
 
@@ -760,6 +762,7 @@ GGUF_SPLITS_DIGITS = {"gpt2": False, "smollm": True, "starcoder": True}
 
 
 def require(module):
+    """Import an optional package, or stop with the line that installs them all."""
     import importlib
     try:
         return importlib.import_module(module)
@@ -773,8 +776,7 @@ def stop_if_unsupported(path, problems):
 
 
 class TextTokenizer:
-    """encode(text) -> ids and decode(ids) -> text around a Hugging Face `tokenizers.Tokenizer`. It adds
-    no BOS or other special token: the model reads exactly the text's tokens."""
+    """encode(text) -> ids, decode(ids) -> text, around a `tokenizers.Tokenizer`; adds no BOS or other special token."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -783,7 +785,7 @@ class TextTokenizer:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids):
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)  # a list or a tensor
 
 
 def rope_rows_to_halves(weight, n_heads):
@@ -802,20 +804,33 @@ def state_dict_from(tensors, config, column, path):
             if name in tensors:
                 parts.setdefault(row[0].format(i=i), []).append(tensors[name])
                 used.add(name)
-    stop_if_unsupported(path, [f"weights the model has no place for, e.g. {n}" for n in sorted(set(tensors) - used)[:1]])
+    unused = sorted(set(tensors) - used)  # e.g. attention biases, experts, Llama 3.1's rope_freqs
+    stop_if_unsupported(path, [f"{len(unused)} weights with no place in GPT, e.g. {unused[0]}"] if unused else [])
     state = {name: torch.cat(p) if len(p) > 1 else p[0] for name, p in parts.items()}  # (rows, columns) each
     if config.tie_embeddings:
         state["lm_head.weight"] = state["tok_emb.weight"]
     return state
 
 
+def gguf_tokenizer(meta):
+    """The byte-level BPE tokenizer kept in a GGUF file's metadata, rebuilt with Hugging Face's `tokenizers`."""
+    tokenizers = require("tokenizers")
+    tokens, pre = meta["tokenizer.ggml.tokens"], tokenizers.pre_tokenizers
+    merges = [tuple(merge.split(" ")) for merge in meta["tokenizer.ggml.merges"]]  # "Ġ t" -> ("Ġ", "t")
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE({token: i for i, token in enumerate(tokens)}, merges))
+    digits = [pre.Digits(individual_digits=True)] if GGUF_SPLITS_DIGITS[meta["tokenizer.ggml.pre"]] else []
+    tokenizer.pre_tokenizer = pre.Sequence(digits + [pre.ByteLevel(add_prefix_space=False)])  # GPT-2's regex, bytes as characters
+    tokenizer.decoder = tokenizers.decoders.ByteLevel()
+    tokenizer.add_special_tokens([t for t, kind in zip(tokens, meta["tokenizer.ggml.token_type"]) if kind == 3])  # CONTROL
+    return tokenizer
+
+
 def read_gguf(path):
     """(config, state dict, tokenizers.Tokenizer) of a llama.cpp file, its weights dequantized to float32."""
-    gguf, tokenizers = require("gguf"), require("tokenizers")
+    gguf = require("gguf")
     reader = gguf.GGUFReader(path)
     meta = {name: field.contents() for name, field in reader.fields.items()}
     llama = {key[len("llama."):]: value for key, value in meta.items() if key.startswith("llama.")}
-    tensors = {t.name: torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type))) for t in reader.tensors}
     pre = meta.get("tokenizer.ggml.pre", "default")
     stop_if_unsupported(path, [problem for fine, problem in [
         (meta.get("general.architecture") == "llama", f"architecture {meta.get('general.architecture')!r}"),
@@ -823,6 +838,7 @@ def read_gguf(path):
         (llama.get("expert_count", 0) == 0, "mixture of experts"),
         (meta.get("tokenizer.ggml.model") == "gpt2", f"tokenizer {meta.get('tokenizer.ggml.model')!r} (only BPE 'gpt2')"),
         (pre in GGUF_SPLITS_DIGITS, f"pre-tokenizer {pre!r}")] if not fine])
+    tensors = {t.name: torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type))) for t in reader.tensors}
     config = GPTConfig(vocab_size=len(tensors["token_embd.weight"]), block_size=llama["context_length"],
                        n_layer=llama["block_count"], n_head=llama["attention.head_count"],
                        n_kv_head=llama.get("attention.head_count_kv", 0), n_embd=llama["embedding_length"],
@@ -833,14 +849,7 @@ def read_gguf(path):
     for i in range(config.n_layer):
         for name, n_heads in ((f"blk.{i}.attn_q.weight", config.n_head), (f"blk.{i}.attn_k.weight", config.n_kv_head)):
             tensors[name] = rope_rows_to_halves(tensors[name], n_heads)
-    tokens, pre_tokenizers = meta["tokenizer.ggml.tokens"], tokenizers.pre_tokenizers
-    merges = [tuple(merge.split(" ")) for merge in meta["tokenizer.ggml.merges"]]  # "Ġ t" -> ("Ġ", "t")
-    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE({token: i for i, token in enumerate(tokens)}, merges))
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split regex, then bytes as characters
-    digits = [pre_tokenizers.Digits(individual_digits=True)] if GGUF_SPLITS_DIGITS[pre] else []
-    tokenizer.pre_tokenizer, tokenizer.decoder = pre_tokenizers.Sequence(digits + [byte_level]), tokenizers.decoders.ByteLevel()
-    tokenizer.add_special_tokens([t for t, kind in zip(tokens, meta["tokenizer.ggml.token_type"]) if kind == 3])  # control
-    return config, state_dict_from(tensors, config, GGUF, path), tokenizer
+    return config, state_dict_from(tensors, config, GGUF, path), gguf_tokenizer(meta)
 
 
 def read_hf_folder(path):
@@ -851,7 +860,8 @@ def read_hf_folder(path):
         raise InputError(f"{path}: a Hugging Face folder needs config.json, *.safetensors and tokenizer.json")
     with open(os.path.join(path, "config.json")) as f:
         hf = json.load(f)
-    rope_type = (hf.get("rope_scaling") or {}).get("rope_type", (hf.get("rope_scaling") or {}).get("type", "default"))
+    scaling = hf.get("rope_scaling") or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))  # transformers has written either key
     head_dim = hf.get("hidden_size", 0) // hf.get("num_attention_heads", 1)
     stop_if_unsupported(path, [problem for fine, problem in [
         (hf.get("model_type") == "llama", f"model_type {hf.get('model_type')!r}"),

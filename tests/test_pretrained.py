@@ -38,7 +38,7 @@ def file_tensors(model, column):
     return tensors
 
 
-def write_gguf(path, model, tokenizer, permute=True):
+def write_gguf(path, model, tokenizer, permute=True, pre="smollm"):
     """A GGUF file as llama.cpp's converter writes one: llama.* keys, BPE vocab + merges, W_Q/W_K rows permuted."""
     gguf = pytest.importorskip("gguf")
     c, bpe = model.config, json.loads(tokenizer.to_str())["model"]
@@ -55,7 +55,7 @@ def write_gguf(path, model, tokenizer, permute=True):
     writer.add_rope_dimension_count(c.n_embd // c.n_head)
     writer.add_vocab_size(c.vocab_size)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("smollm")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types([gguf.TokenType.CONTROL if t == "<|endoftext|>" else gguf.TokenType.NORMAL for t in tokens])
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]])
@@ -183,6 +183,22 @@ def test_unsupported_config_is_refused_by_name(tmp_path, tiny_tokenizer, change,
     (tmp_path / "tiny" / "config.json").write_text(json.dumps({**config, **change}))
     with pytest.raises(InputError, match=named):
         load_pretrained(tmp_path / "tiny")
+
+
+def test_weights_without_a_place_are_refused(tmp_path, tiny_tokenizer):
+    safetensors = pytest.importorskip("safetensors.torch")
+    write_hf_folder(tmp_path / "tiny", tiny_llama(tiny_tokenizer.get_vocab_size(), True), tiny_tokenizer, shards=1)
+    shard = tmp_path / "tiny" / "model-00001-of-00001.safetensors"
+    safetensors.save_file({**safetensors.load_file(str(shard)), "model.layers.0.self_attn.q_proj.bias": torch.zeros(32)},
+                          str(shard))
+    with pytest.raises(InputError, match="q_proj.bias"):
+        load_pretrained(tmp_path / "tiny")
+
+
+def test_unknown_gguf_pre_tokenizer_is_refused_by_name(tmp_path, tiny_tokenizer):
+    write_gguf(tmp_path / "tiny.gguf", tiny_llama(tiny_tokenizer.get_vocab_size(), True), tiny_tokenizer, pre="llama-bpe")
+    with pytest.raises(InputError, match="llama-bpe"):
+        load_pretrained(tmp_path / "tiny.gguf")
 
 
 def test_missing_package_names_the_install_command(tmp_path, monkeypatch):
