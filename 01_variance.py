@@ -65,8 +65,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import (GPT, first_token_attention, print_table, random_token_windows, run_script, script_parser, setup,
-                   studied_model, variance_by_position, write_metrics)
+from model import (GPT, first_token_attention, layer_ticks, print_table, random_token_windows, run_script,
+                   script_parser, setup, studied_model, variance_by_position, write_metrics)
 
 N_WINDOWS = 64  # held-out windows (and random-token windows) for every measure
 SPIKE_NORM_RATIO = 2.0  # token 0's L2 norm over the others' mean that counts as the norm spike
@@ -157,7 +157,7 @@ def plot_attention_and_norm(layers, attention, norm0, norm_others, path):
     ax.plot(layers, attention, "o-", color="tab:red", label="attention to token 0")
     ax.axhline(SINK_THRESHOLD, color="tab:red", linewidth=0.5, linestyle=":")
     ax.set(xlabel="layer (residual stream entering the block)", ylabel="mean attention to token 0", ylim=(0, 1),
-           xticks=layers, title="Fig. 3: first-token attention and input norm")
+           xticks=layer_ticks(layers), title="Fig. 3: first-token attention and input norm")
     ax.yaxis.label.set_color("tab:red")
     twin = ax.twinx()
     twin.plot(layers, norm0, "s-", color="tab:blue", label="token 0 input L2 norm")
@@ -176,12 +176,12 @@ def plot_wo(layers, taus, row_taus, post_ratio, path):
     left.boxplot(row_taus, positions=layers, widths=0.5)
     left.scatter(layers, taus, marker="D", color="tab:blue", zorder=3, label="|W_O column| (one tau per layer)")
     left.axhline(0, color="black", linewidth=0.5)
-    left.set(xlabel="layer", ylabel="Kendall tau-b with token 0's spread", xticks=layers, ylim=(-1, 1),
+    left.set(xlabel="layer", ylabel="Kendall tau-b with token 0's spread", xticks=layer_ticks(layers), ylim=(-1, 1),
              title="Fig. 7: W_O weights vs token 0's spread")
     left.legend(fontsize=8, title="box: one tau per W_O row", title_fontsize=8)
     right.plot(layers, post_ratio, "o-", color="tab:red")
     right.axhline(1, color="gray", linestyle=":", label="no discrepancy")
-    right.set(xlabel="layer", ylabel="token 0 variance / others' after W_O", xticks=layers, yscale="log",
+    right.set(xlabel="layer", ylabel="token 0 variance / others' after W_O", xticks=layer_ticks(layers), yscale="log",
               title="Fig. 7: variance ratio after W_O")
     right.legend()
     fig.tight_layout()

@@ -58,8 +58,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import (dominance_ratio, effective_rank, print_table, run_script, script_parser, setup, studied_model,
-                   write_metrics)
+from model import (dominance_ratio, effective_rank, layer_ticks, print_table, run_script, script_parser, setup,
+                   studied_model, write_metrics)
 
 N_WINDOWS = 64  # held-out windows for every measure
 SPIKE_NORM_RATIO = 2.0  # token 0's L2 norm over the others' mean that counts as the norm spike (as in 01)
@@ -118,12 +118,12 @@ def plot_dominance(layers, token0, others, cos0, cos_others, path):
     left.plot(layers, token0, "o-", color="tab:red", label="token 0")
     left.plot(layers, others, "s-", color="tab:blue", label="tokens t ≥ 1 (mean)")
     left.set(ylim=(0, None), xlabel="layer (residual stream entering the block)", ylabel="dominance ratio max|x| / mean|x|",
-             title="Fig. 11: dimension disparity", xticks=layers)
+             title="Fig. 11: dimension disparity", xticks=layer_ticks(layers))
     left.legend()
     right.plot(layers, cos0, "o-", color="tab:red", label="token 0 (first token a text byte)")
     right.plot(layers, cos_others, "s-", color="tab:blue", label="tokens t ≥ 1 (mean)")
     right.set(ylim=(-0.05, 1.05), xlabel="layer", ylabel="mean cosine between windows",
-              title="§4.3: RMSNorm as a directional filter", xticks=layers)
+              title="§4.3: RMSNorm as a directional filter", xticks=layer_ticks(layers))
     right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -150,7 +150,7 @@ def plot_effective_rank(layers, ranks, n_embd, path):
     ax.plot(layers, ranks, "o-")
     ax.axhline(n_embd, color="gray", linestyle=":", label=f"n_embd = {n_embd}")
     ax.set(xlabel="layer (residual stream entering the block)", ylabel="effective rank of (T, C) hidden states",
-           title="Fig. 15 / 21: effective rank by layer", xticks=layers, ylim=(0, n_embd * 1.05))
+           title="Fig. 15 / 21: effective rank by layer", xticks=layer_ticks(layers), ylim=(0, n_embd * 1.05))
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -131,12 +131,13 @@ def find_super_neuron(model, x):
 # ----------------------------------------------------------------------------- figures
 
 def plot_mask(baseline, masked, k, path):
+    baseline, masked = baseline[:-1], masked[:-1]  # the last key has no later query
     positions = np.arange(len(baseline))
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(positions, baseline, color="tab:blue", label="baseline")
     ax.plot(positions, masked, color="tab:red", label=f"token {k} attends only to itself")
     ax.axvline(k, color="gray", linestyle=":")
-    ax.set(xlabel="key position j", ylabel="mean attention received from queries t ≥ j", yscale="log",
+    ax.set(xlabel="key position j", ylabel="mean attention received from queries t > j", yscale="log",
            title=f"Fig. 5 / 19: mask intervention at k = {k}")
     ax.legend()
     fig.tight_layout()

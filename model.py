@@ -706,6 +706,11 @@ def studied_model(args, n_windows, seed_offset=0):
     return model.eval(), x.to(args.device), bos
 
 
+def layer_ticks(layers):
+    """At most about 15 layer numbers on a plot's axis (SmolLM2 has 30 layers)."""
+    return layers[::max(1, len(layers) // 15)]
+
+
 def write_metrics(metrics, folder):
     with open(os.path.join(folder, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
