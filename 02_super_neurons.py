@@ -86,9 +86,10 @@ def gate_cosine(gate, normed_input, gate_row):
 # ----------------------------------------------------------------------------- figures
 
 def plot_row_norms(norms, supers, path):
-    n_layer = len(norms)
-    fig, axes = plt.subplots(1, n_layer, figsize=(4.5 * n_layer, 4), squeeze=False)
-    for layer, ax in enumerate(axes[0]):
+    """One panel per layer; a deep model's early layers only, where 04 and the paper look."""
+    shown = range(len(norms)) if len(norms) <= 4 else early_layers(len(norms))
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.5 * len(shown), 4), squeeze=False)
+    for layer, ax in zip(shown, axes[0]):
         gate, up = norms[layer]
         ax.scatter(gate, up, s=6, color="tab:gray", label="hidden units")
         for s in (s for s in supers if s["layer"] == layer):

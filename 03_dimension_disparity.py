@@ -117,10 +117,10 @@ def plot_dominance(layers, token0, others, cos0, cos_others, path):
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.plot(layers, token0, "o-", color="tab:red", label="token 0")
     left.plot(layers, others, "s-", color="tab:blue", label="tokens t ≥ 1 (mean)")
-    left.set(ylim=(0, None), xlabel="layer (residual stream entering the block)", ylabel="dominance ratio max|x| / mean|x|",
+    left.set(ylim=(0, None), xlabel="layer (block input, after its RMSNorm)", ylabel="dominance ratio max|x| / mean|x|",
              title="Fig. 11: dimension disparity", xticks=layer_ticks(layers))
     left.legend()
-    right.plot(layers, cos0, "o-", color="tab:red", label="token 0 (first token a text byte)")
+    right.plot(layers, cos0, "o-", color="tab:red", label="token 0 (a different token in each window)")
     right.plot(layers, cos_others, "s-", color="tab:blue", label="tokens t ≥ 1 (mean)")
     right.set(ylim=(-0.05, 1.05), xlabel="layer", ylabel="mean cosine between windows",
               title="§4.3: RMSNorm as a directional filter", xticks=layer_ticks(layers))
