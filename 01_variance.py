@@ -10,7 +10,7 @@ dimension correlates with token 0's per-dimension magnitude (Kendall tau, 0.32 i
 layer 1), and after W_O token 0's variance is still far above the others' (Fig. 7). From the
 layer where token 0's input norm spikes, attention to token 0 jumps (Fig. 3).
 
-What this script measures, on 64 held-out windows (and 64 random-token windows):
+What this script measures, on 64 held-out windows (16 for a pretrained model) and as many random-token windows:
   - the variance of layer 0's head outputs (blocks.0.attn.hook_head_out, the value
     aggregation before W_O) at each position, in two readings (model.variance_by_position):
     per dimension across windows, and across dimensions within one token; for the
@@ -107,10 +107,12 @@ def token0_dimension_spread(head_out):
     return spread.flatten()
 
 
-def wo_row_taus(wo_weight, spread):
+def wo_row_taus(wo_weight, spread, max_rows=256):
     """The paper's Fig. 7 (left): for each W_O output row (C_out, C_in), Kendall tau-b between
-    the |weights| of that row and token 0's spread over the C_in inputs -> (C_out,) list."""
-    return [kendall_tau_b(row, spread) for row in wo_weight.abs().numpy()]
+    the |weights| of that row and token 0's spread over the C_in inputs -> a list, one per row.
+    A wide model's rows are taken evenly spaced, max_rows of them: each tau costs O(C_in^2)."""
+    rows = wo_weight.abs()[::max(1, len(wo_weight) // max_rows)]
+    return [kendall_tau_b(row, spread) for row in rows.numpy()]
 
 
 def layer0_variance(model, x, device):
@@ -232,7 +234,7 @@ def main(argv=None) -> dict:
         post_ratio.append(within_token_variance_ratio(cache[f"blocks.{i}.attn.hook_out"]))
 
     metrics = {
-        "n_windows": N_WINDOWS,
+        "n_windows": len(x),
         **{f"var_by_position_{case}": variance for case, variance in by_case.items()},
         "var_ratio_token0": ratio,
         "var_ratio_reading": reading,

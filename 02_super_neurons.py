@@ -8,11 +8,12 @@ activation while later tokens are suppressed (Fig. 9). The unit's W_down column 
 heavy-tailed: the activation lands in a handful of residual dimensions, which become token
 0's massive dimensions (Fig. 10; Llama-2 dimension 2533).
 
-What this script measures, on 64 held-out windows:
+What this script measures, on 64 held-out windows (16 for a pretrained model):
   - per layer, the row L2 norms of W_gate and W_up for every hidden unit and their z-scores
     over the layer's units. Rule: a unit is a super neuron when z >= 3 in both W_gate and
-    W_up. The top super neuron is the unit of layer 0 or 1 with the largest z(W_gate) + z(W_up),
-    the rule 04 uses; it is listed even when it misses z >= 3 (then `rule_met` is false);
+    W_up. The top super neuron is the unit of the early layers (0 and 1; the first quarter
+    of a deep model) with the largest z(W_gate) + z(W_up), the rule 04 uses; it is listed
+    even when it misses z >= 3 (then `rule_met` is false);
   - the cross-check by activation (Yu et al. 2024, super weights): per layer, the unit with
     the largest mean |activation| on token 0, i.e. the argmax input channel of W_down on
     token 0 (blocks.{i}.mlp.hook_hidden); whether it is the top super neuron;
@@ -175,7 +176,7 @@ def main(argv=None) -> dict:
     massive = token0_after.abs().mean(0).argsort(descending=True)[:TOP_DIMS].tolist()
 
     metrics = {
-        "n_windows": N_WINDOWS,
+        "n_windows": len(x),
         "super_z_threshold": SUPER_Z,
         "super_neurons": supers,
         "top_super_neuron": top,

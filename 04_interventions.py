@@ -5,7 +5,8 @@ Claim. Token 0 is a sink because it cannot aggregate: it attends only to itself,
 output is one value vector with a large variance, not an average. Give any token k the same
 property and it becomes a sink too:
   - Mask intervention (Fig. 5, 19). Token k may attend only to itself. The attention each
-    position receives (mean over the queries t >= j that can see it) then peaks at k.
+    position receives (mean over the later queries t > j) then peaks at k. The chain at k:
+    the FFN unit that fires on token 0 (found by its activations) fires at k too.
   - Variance amplification (Fig. 6, 20). Push token k's head outputs away from their mean,
     mu + lambda (x_k - mu), for lambda in 1..32: attention to k grows with lambda. Control:
     multiply x_k by the scalar that gives it the same L2 norm, which changes its norm but
@@ -20,12 +21,15 @@ The paper does not say over what mu is taken. Two readings, both reported:
 Controls the referee asked for: mean attention entropy per layer with and without the mask;
 the super neuron's activation, the dominance ratio and the RMS at k under amplification.
 
-Setup: 64 held-out windows; k = 10 (or the middle of a shorter window) from --k. The mask
+Setup: 64 held-out windows (16 for a pretrained model); k = 10 (or the middle of a shorter
+window) from --k. The mask
 and the amplification act in layers --from_layer .. last (default 0); an edit at the output
 of layer i can only change the keys of layers after it, so attention to k is averaged over
 heads and the layers after --from_layer. The amplification edits the aggregation output
-blocks.{i}.attn.hook_head_out (before W_O). The super neuron is the FFN unit of layer 0 or 1
-with the largest W_gate / W_up row-norm z-score (as in 02). A small model may show none of
+blocks.{i}.attn.hook_head_out (before W_O). The super neuron is the FFN unit of the early
+layers with the largest W_gate / W_up row-norm z-score (as in 02); the token-0 unit is the one
+whose mean |activation| on token 0 over the others' is largest (model.token0_unit), in the
+same layers, and is read at k with and without the mask. A small model may show none of
 this; the script prints its numbers and says so.
 
 Run:  python 04_interventions.py [--quick] [--model smollm2-135m] [--k 10] [--from_layer 0]
@@ -116,7 +120,7 @@ def record(model, x, names, **hooks):
 
 
 def find_super_neuron(model, x):
-    """The FFN unit of layer 0 or 1 whose W_gate and W_up rows have the largest mean norm z-score
+    """The FFN unit of the early layers whose W_gate and W_up rows have the largest mean norm z-score
     (paper Fig. 8), cross-checked by Yu et al. (2024): the unit with the largest mean |activation|
     on token 0 in that layer."""
     layer, unit = top_super_neuron(model)
@@ -215,7 +219,7 @@ def main(argv=None) -> dict:
                     rms_ratio_at_k.setdefault(arm, []).append(float(rms[:, k].mean() / rms[:, 1:].mean()))
 
     metrics = {
-        "n_windows": N_WINDOWS, "k": k, "from_layer": args.from_layer,
+        "n_windows": len(x), "k": k, "from_layer": args.from_layer,
         "intervened_layers": intervened, "measured_layers": measured,
         "attention_received_baseline": received_baseline.tolist(),
         "attention_received_masked": received_masked.tolist(),

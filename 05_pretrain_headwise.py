@@ -282,7 +282,7 @@ def print_claims(metrics, variants):
 
 
 def main(argv=None) -> dict:
-    parser = script_parser(__doc__)
+    parser = script_parser(__doc__, cpu_profile=DEFAULT_PROFILE, pretrained=False)
     parser.add_argument("--variants", default=",".join(ATTENTION_VARIANTS),
                         help=f"comma-separated, softmax included (default: {','.join(ATTENTION_VARIANTS)})")
     parser.add_argument("--seeds", type=int, default=None,

@@ -6,10 +6,11 @@ plumbing of the numbered scripts. Sections, in reading order:
 
   1. model        RMSNorm, RoPE, attention (softmax | sigmoid | headwise | gated), SwiGLU, GPT
   2. hook points  record or edit any intermediate tensor: `with model.hooks(record=...) as cache`
-  3. data         bytes of Python's standard library (or --data FILE), windows, random tokens
+  3. data         bytes of Python source (or --data FILE), windows, random tokens
   4. training     AdamW, warmup + cosine, progress bar, validation, checkpoint cache, profiles
-  5. measures     attention to token 0, dominance ratio, effective rank, variance by position
-  6. scripts      the options and error handling shared by 01-05
+  5. measures     attention to token 0, dominance ratio, effective rank, super neurons, variance
+  6. scripts      the options, the studied model and the error handling shared by 01-05
+  7. pretrained   SmolLM2-135M or any Llama .gguf file or Hugging Face folder, into the same GPT
 
 Paper: Li et al., "The Structural Origin of Attention Sink" (arXiv 2605.06611).
 Style after karpathy/nanoGPT and karpathy/llama2.c (https://github.com/karpathy).
@@ -287,12 +288,21 @@ def python_source_files(corpus="stdlib"):
     return sorted(set(files)) if corpus != "stdlib" else files
 
 
+def read_bytes(path):
+    """A source file's bytes; nothing for one that cannot be read (a broken link in site-packages)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
 def load_corpus(path=None, corpus="stdlib"):
     """The training text as bytes: a UTF-8 file, or by default Python source (see python_source_files)."""
     if path is None:
         if corpus not in ("stdlib", "python"):
             raise InputError(f"unknown corpus {corpus!r}; valid: stdlib, python")
-        return b"".join(open(f, "rb").read() for f in python_source_files(corpus))
+        return b"".join(read_bytes(f) for f in python_source_files(corpus))
     if os.path.isdir(path):
         raise InputError(f"--data {path} is a folder; give one UTF-8 text file")
     if not os.path.isfile(path):
@@ -650,19 +660,22 @@ def pick_device(name="auto"):
     return torch.device(name)
 
 
-def script_parser(doc):
-    """The options every numbered script takes; a script adds its own to the returned parser."""
+def script_parser(doc, cpu_profile="cpu", pretrained=True):
+    """The options every numbered script takes; a script adds its own to the returned parser.
+    pretrained: offer --model (01-04 study a trained or a pretrained model; 05 trains its own)."""
     parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
-    parser.add_argument("--profile", default=None, help=f"{', '.join(PROFILES)} (default: gpu on CUDA, else cpu)")
-    parser.add_argument("--data", default=None, help="a UTF-8 text file to train on (default: Python's standard library)")
+    parser.add_argument("--profile", default=None, help=f"{', '.join(PROFILES)} (default: gpu on CUDA, else {cpu_profile})")
+    parser.add_argument("--data", default=None, help="a UTF-8 text file to train on, and whose last 5 %% are the "
+                                                     "held-out windows (default: Python source, see the profile)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out_dir", default="out")
     parser.add_argument("--quick", action="store_true", help="the tiny profile: a first look in seconds")
-    parser.add_argument("--model", default="trained",
-                        help="trained (the profile's model, trained here and cached; default), smollm2-135m, or the "
-                             "path of a Llama-architecture .gguf file or Hugging Face folder")
+    if pretrained:
+        parser.add_argument("--model", default="trained",
+                            help="trained (the profile's model, trained here and cached; default), smollm2-135m, or "
+                                 "the path of a Llama-architecture .gguf file or Hugging Face folder")
     return parser
 
 
@@ -670,6 +683,9 @@ def setup(args, script_file, cpu_profile="cpu"):
     """Resolve the common options: device, profile, data, output folder; seeds torch.
     The default profile is gpu on CUDA, else cpu_profile."""
     args.device = pick_device(args.device)
+    args.model = getattr(args, "model", "trained")
+    if args.model != "trained" and (args.quick or args.profile is not None):
+        raise InputError("--quick and --profile choose the model we train; they cannot be combined with --model")
     if args.quick and args.profile not in (None, "tiny"):
         raise InputError(f"--quick is the tiny profile; it cannot be combined with --profile {args.profile}")
     args.profile = "tiny" if args.quick else args.profile or ("gpu" if args.device.type == "cuda" else cpu_profile)
@@ -681,8 +697,9 @@ def setup(args, script_file, cpu_profile="cpu"):
         args.subject = f"{args.profile} model"
     else:  # a pretrained model: loaded once here, its held-out windows in its own tokens
         args.pretrained, tokenizer = load_pretrained(args.model, args.device)
-        args.dataset = held_out_tokens(tokenizer, PRETRAINED_WINDOW, None if args.data is None else load_corpus(args.data))
-        args.subject = os.path.splitext(os.path.basename(os.path.normpath(args.model)))[0]
+        window = min(PRETRAINED_WINDOW, args.pretrained.config.block_size)
+        args.dataset = held_out_tokens(tokenizer, window, None if args.data is None else load_corpus(args.data))
+        args.subject = os.path.basename(os.path.normpath(args.model)).removesuffix(".gguf")
         args.script_dir = os.path.join(args.script_dir, args.subject)
     try:
         os.makedirs(args.script_dir, exist_ok=True)
@@ -809,7 +826,8 @@ def state_dict_from(tensors, config, column, path):
             if name in tensors:
                 parts.setdefault(row[0].format(i=i), []).append(tensors[name])
                 used.add(name)
-    unused = sorted(set(tensors) - used)  # e.g. attention biases, experts, Llama 3.1's rope_freqs
+    unused = sorted(n for n in set(tensors) - used if not n.endswith("rotary_emb.inv_freq"))  # RoPE's own table: we
+    # rebuild it from rope_theta. Others: e.g. attention biases, experts, Llama 3.1's rope_freqs
     stop_if_unsupported(path, [f"{len(unused)} weights with no place in GPT, e.g. {unused[0]}"] if unused else [])
     state = {name: torch.cat(p) if len(p) > 1 else p[0] for name, p in parts.items()}  # (rows, columns) each
     if config.tie_embeddings:
@@ -897,7 +915,8 @@ def smollm2_path():
 
 
 def load_pretrained(name_or_path, device="cpu"):
-    """(model, tokenizer) of a pretrained Llama-architecture model, in eval mode, float32 (bf16 on CUDA):
+    """(model, tokenizer) of a pretrained Llama-architecture model, in eval mode, float32 (bf16 on CUDA above
+    1B parameters, e.g. Llama-2-7B):
     "smollm2-135m", a .gguf file, or a Hugging Face folder. The model is a GPT with attn "softmax"."""
     device = torch.device(device)
     path = smollm2_path() if name_or_path == "smollm2-135m" else str(name_or_path)
@@ -907,7 +926,11 @@ def load_pretrained(name_or_path, device="cpu"):
         config, state, tokenizer = read_gguf(path)
     else:
         raise InputError(f"{name_or_path}: not 'smollm2-135m', a .gguf file or a Hugging Face folder")
-    model = GPT(config)
-    model.load_state_dict(state)
-    model = model.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
-    return model, TextTokenizer(tokenizer)
+    with torch.device("meta"):  # no random init of weights the file replaces (28 GB for a 7B model)
+        model = GPT(config)
+    model.load_state_dict(state, assign=True)
+    cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head, config.rope_base)
+    model.rope_cos, model.rope_sin = cos, sin  # buffers are not in the state dict: build them for real
+    large = sum(p.numel() for p in model.parameters()) > 1e9  # float32 for analysis, unless it would not fit
+    model = model.to(device=device, dtype=torch.bfloat16 if large and device.type == "cuda" else torch.float32)
+    return model.eval(), TextTokenizer(tokenizer)

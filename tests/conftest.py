@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 SLOW_GROUPS = {
-    "claims": "the paper's claims on the trained cpu-profile model (minutes)",
+    "claims": "the paper's claims on SmolLM2-135M and on the trained models (minutes)",
     "claims_long": "05's claims over 3 seeds on the cpu profile (hours; not run by CI)",
     "exercises": "checks of the exercises, run by a teacher on a student's copy",
 }

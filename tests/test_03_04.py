@@ -10,7 +10,8 @@ import torch
 from torch.testing import assert_close
 
 from conftest import ROOT, claim_not_held, load_script, numbers_in
-from model import GPT, InputError, dominance_ratio, effective_rank, self_only_mask
+from model import (GPT, ByteData, InputError, dominance_ratio, effective_rank, load_corpus, profile_configs,
+                   self_only_mask, trained_model)
 
 dimension_disparity = load_script("03_dimension_disparity.py")
 interventions = load_script("04_interventions.py")
@@ -54,6 +55,20 @@ def test_same_seed_gives_identical_metrics(quick, name, tmp_path):
     """Trained again from scratch in an empty folder, not loaded from the first run's cache."""
     _, results = quick
     assert SCRIPTS[name].main(["--quick", "--out_dir", str(tmp_path)]) == results[name]
+
+
+def test_03_dominance_is_measured_after_the_blocks_rmsnorm(quick):
+    """As the paper measures it (Llama-2's 263 is after RMSNorm): on attn_norm(resid_in), gain included."""
+    out, results = quick
+    model, _ = trained_model("tiny", out_dir=str(out))
+    model_cfg, train_cfg = profile_configs("tiny")
+    data = ByteData(load_corpus(corpus=train_cfg.corpus), model_cfg.block_size, train_cfg.corpus)
+    x, _ = data.windows("val", 64, train_cfg.bos, torch.Generator().manual_seed(0))  # the script's windows, seed 0
+    with torch.no_grad(), model.eval().hooks(record="blocks.*.hook_resid_in") as cache:
+        model(x)
+        normalised = [block.attn_norm(cache[f"blocks.{i}.hook_resid_in"]) for i, block in enumerate(model.blocks)]
+    expected = [float(dominance_ratio(n)[:, 0].mean()) for n in normalised]
+    assert results["03_dimension_disparity"]["dominance_ratio_token0_by_layer"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_quick_03_shapes(quick):

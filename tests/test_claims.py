@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import ROOT, claim_not_held
-from model import (ByteData, early_layers, first_token_attention, load_corpus, massive_activation_ratio,
+from model import (ByteData, early_layers, first_token_attention, load_corpus, massive_activation_ratio, pick_device,
                    profile_configs, self_only_mask, token0_unit, trained_model)
 
 pytestmark = pytest.mark.claims
@@ -21,10 +21,11 @@ def record(profile, attn, names, mask=None):
     """One forward pass of the profile's trained model over 64 held-out windows, recording `names`."""
     model_cfg, train_cfg = profile_configs(profile)
     data = ByteData(load_corpus(corpus=train_cfg.corpus), model_cfg.block_size, train_cfg.corpus)
-    model, _ = trained_model(profile, attn, 0, data, "cpu", os.path.join(ROOT, "out"))
+    device = pick_device()  # the scripts' default, so that they and these tests share one cached model
+    model, _ = trained_model(profile, attn, 0, data, device, os.path.join(ROOT, "out"))
     x, _ = data.windows("val", N_WINDOWS, train_cfg.bos, torch.Generator().manual_seed(0))
     with torch.no_grad(), model.hooks(record=names, mask=mask) as cache:
-        model(x)
+        model(x.to(device))
     return model.config.n_layer, cache
 
 

@@ -70,7 +70,7 @@ def test_02_exercise_1_kurtosis_is_at_most_the_one_hot_value():
     n_embd = profile_configs("cpu")[0].n_embd
     kurtosis = load_script("02_super_neurons.py").kurtosis
     one_hot = kurtosis(torch.nn.functional.one_hot(torch.tensor(0), n_embd).double())
-    assert one_hot == pytest.approx(62.02, abs=0.01)  # (n^2 - 3n + 3) / (n - 1) for n = 64
+    assert one_hot == pytest.approx((n_embd ** 2 - 3 * n_embd + 3) / (n_embd - 1))
     assert kurtosis(torch.randn(100000)) == pytest.approx(3, abs=0.1)
     assert run("02_super_neurons.py")["wdown_column_kurtosis"] <= one_hot
 

@@ -191,7 +191,7 @@ def test_checkpoint_round_trip(tiny_config, tmp_path):
     idx = torch.randint(256, (2, 16))
     assert_close(loaded(idx)[0], model(idx)[0], rtol=0, atol=0)
     assert history == {"val_loss": [1.0]}
-    assert not os.path.exists(path + ".tmp")
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
     with pytest.raises(InputError, match="does not match"):
         load_checkpoint(path, expect={"data": "data:2"})
 

@@ -12,6 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from conftest import load_script
 from model import (GGUF, HF, GPT, GPTConfig, InputError, WEIGHT_NAMES, load_corpus, load_pretrained,
                    rope_rows_to_halves, smollm2_path)
 
@@ -206,6 +207,22 @@ def test_missing_package_names_the_install_command(tmp_path, monkeypatch):
     (tmp_path / "any.gguf").write_bytes(b"")
     with pytest.raises(InputError, match="pip install gguf tokenizers safetensors"):
         load_pretrained(tmp_path / "any.gguf")
+
+
+def test_scripts_01_to_04_study_a_pretrained_file(tmp_path, tiny_tokenizer):
+    """--model PATH: the held-out windows in the file's own tokens, outputs in out/<script>/<model>/."""
+    model = tiny_llama(tiny_tokenizer.get_vocab_size(), tie_embeddings=True)  # its window: 32 tokens
+    write_gguf(tmp_path / "tiny.gguf", model, tiny_tokenizer)
+    flags = ["--model", str(tmp_path / "tiny.gguf"), "--out_dir", str(tmp_path / "out")]
+    for name in ("01_variance", "02_super_neurons", "03_dimension_disparity", "04_interventions"):
+        metrics = load_script(f"{name}.py").main(flags)
+        folder = tmp_path / "out" / name / "tiny"
+        assert json.loads((folder / "metrics.json").read_text()) == metrics and list(folder.glob("*.png"))
+        assert metrics["n_windows"] == 16
+    with pytest.raises(InputError, match="outside the window of 32 tokens"):
+        load_script("04_interventions.py").main(flags + ["--k", "40"])
+    with pytest.raises(InputError, match="cannot be combined with --model"):
+        load_script("01_variance.py").main(flags + ["--quick"])
 
 
 # ----------------------------------------------------------------------------- the real SmolLM2-135M
