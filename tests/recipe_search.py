@@ -2,9 +2,12 @@
 The recipe search of README ("The recipe search without BOS"): train one recipe, measure the
 chain on held-out text windows, write out/search/<name>.json. One run at a time, e.g.
 
-    nohup python tests/recipe_search.py K1 '{"n_layer": 4}' '{"steps": 16000}' > out/search/K1.log &
+    nohup python tests/recipe_search.py K1 '{"n_layer": 4}' '{"steps": 8000}' > out/search/K1.log &
 
-The first JSON overrides the model of the base recipe, the second its training.
+The first JSON overrides the model of the base recipe, the second its training. The base: no BOS,
+half the windows random bytes, a copied span in every window, 3 layers of d 64, T 64. Not a test:
+pytest does not collect it. `python tests/recipe_search.py --profile cpu` measures the cached
+cpu model the same way.
 """
 import json
 import os
@@ -16,10 +19,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import (ByteData, GPT, GPTConfig, TrainConfig, first_token_attention, load_corpus,  # noqa: E402
-                   massive_activation_ratio, self_only_mask, train)
+                   massive_activation_ratio, profile_configs, self_only_mask, token0_unit, train, trained_model)
 
 BASE_MODEL = dict(block_size=64, n_layer=3, n_head=4, n_embd=64)
-BASE_TRAIN = dict(steps=24000, batch_size=32, lr=1e-2, warmup_steps=100, schedule="constant", bos=False,
+BASE_TRAIN = dict(steps=8000, batch_size=32, lr=1e-2, warmup_steps=100, schedule="constant", bos=False,
                   repeat_prob=1.0, random_prob=0.5, eval_interval=1000)
 K = 10  # the position of the mask intervention
 
@@ -33,12 +36,7 @@ def measure_chain(model, x, k=K):
         model(x)
     resid = [cache[f"blocks.{i}.hook_resid_in"] for i in range(1, L)] + [cache["hook_resid_final"]]  # after each layer
     heads = [first_token_attention(cache[f"blocks.{i}.attn.hook_pattern"]) for i in range(L)]  # (H,) each
-    best = (0.0, 0, 0)
-    for i in range(L):
-        hidden = cache[f"blocks.{i}.mlp.hook_hidden"].abs()  # (N, T, ffn)
-        ratio = hidden[:, 0].mean(0) / hidden[:, 1:].mean((0, 1)).clamp_min(1e-12)  # (ffn,)
-        best = max(best, (float(ratio.max()), i, int(ratio.argmax())))
-    unit_ratio, unit_layer, unit = best
+    unit_layer, unit, unit_ratio = token0_unit({i: cache[f"blocks.{i}.mlp.hook_hidden"] for i in range(L)})  # any layer
     unit_unmasked = cache[f"blocks.{unit_layer}.mlp.hook_hidden"][:, :, unit].abs().mean(0)  # (T,)
     pattern_unmasked = [cache[f"blocks.{i}.attn.hook_pattern"] for i in range(L)]
     with model.hooks(record=["blocks.*.attn.hook_pattern", f"blocks.{unit_layer}.mlp.hook_hidden"],
@@ -83,5 +81,17 @@ def main(name, model_overrides="{}", train_overrides="{}"):
     print(json.dumps(result))
 
 
+def measure_profile(profile):
+    """The same measures on a profile's cached model (out/checkpoints), e.g. the chosen cpu recipe."""
+    model_cfg, train_cfg = profile_configs(profile)
+    data = ByteData(load_corpus(corpus=train_cfg.corpus), model_cfg.block_size, train_cfg.corpus)
+    model, history = trained_model(profile, data=data)
+    x, _ = data.windows("val", 64, train_cfg.bos, torch.Generator().manual_seed(0))
+    print(json.dumps({"name": profile, "val_loss": history["val_loss"][-1], **measure_chain(model.eval(), x)}))
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if sys.argv[1:2] == ["--profile"]:
+        measure_profile(sys.argv[2])
+    else:
+        main(*sys.argv[1:])
