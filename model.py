@@ -399,18 +399,19 @@ class TrainConfig:
     bos: bool = True  # every window starts with the BOS token
     repeat_prob: float = 0.0  # share of training windows with a copied span (see repeat_span)
     random_prob: float = 0.0  # share of training windows of uniform random bytes: every head idles there
-    corpus: str = "stdlib"  # the default text: Python's standard library, or "python": all Python source on sys.path
+    corpus: str = "stdlib"  # the default text: Python's standard library, or "python": with every installed package
     eval_interval: int = 100
     eval_windows: int = 64
     seed: int = 0
 
 
 # Named profiles: the model's shape and its training recipe (see README, "The recipe search").
-# No BOS: position 0 is an ordinary byte, so whatever is special about token 0 is its position.
+# Without BOS (tiny, cpu, gpu) position 0 is an ordinary byte: whatever is special about token 0
+# is its position, the paper's point. cpu_bos keeps a fixed first token for 05's fixes to act on.
 PROFILES = {
     "tiny": dict(model=dict(block_size=32, n_layer=2, n_head=2, n_embd=32),
                  train=dict(steps=60, batch_size=16, lr=3e-3, warmup_steps=5, eval_interval=20, eval_windows=16,
-                            bos=False, repeat_prob=1.0, random_prob=0.5)),
+                            bos=False, repeat_prob=1.0, random_prob=0.75)),
     # The recipe search's choice (README): 3 windows in 4 random bytes, a copied span in every window.
     "cpu": dict(model=dict(block_size=64, n_layer=3, n_head=4, n_embd=64),
                 train=dict(steps=12000, batch_size=32, lr=1e-2, warmup_steps=100, schedule="constant",
