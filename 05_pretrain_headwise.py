@@ -44,7 +44,7 @@ says whether each of the paper's claims holds here.
 Run:  python 05_pretrain_headwise.py [--quick] [--variants softmax,headwise] [--seeds 3]
       (figures and metrics.json in out/05_pretrain_headwise/; checkpoints in out/checkpoints/)
 
-Exercises (cpu_bos profile; a new training takes about 6 minutes on 2 cores, analysis seconds)
+Exercises (cpu_bos profile; a new training takes 6 to 10 minutes on 2 cores, analysis seconds)
   1. Reading, then changing code. `steps_to_reach` only looks at evaluated steps, so
      `steps_to_baseline_loss` moves in jumps of eval_interval (500). Predict how far off it
      can be, then make `steps_to_reach` interpolate linearly between the two evaluations
@@ -68,7 +68,7 @@ Exercises (cpu_bos profile; a new training takes about 6 minutes on 2 cores, ana
      headwise and softmax close?
   5. Predicting. Gu et al. find that a larger weight decay makes sinks stronger. Add
      weight_decay=0.5 to PROFILES["cpu_bos"]["train"] (model.py; a new config retrains by itself)
-     and run `--variants softmax` (then weight_decay=0.0, if you have another 6 minutes).
+     and run `--variants softmax` (then weight_decay=0.0, if you have another 10 minutes).
      Predict, then compare with the default 0.1, the maxima of
      `first_token_attention_by_layer["softmax"]` and `dominance_ratio_token0_by_layer["softmax"]`.
 Checks for 1-4: `python -m pytest -m exercises tests/`.
