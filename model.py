@@ -285,7 +285,7 @@ def python_source_files(corpus="stdlib"):
         for folder, subfolders, names in os.walk(root):
             subfolders[:] = sorted(s for s in subfolders if s not in skip)
             files += [os.path.join(folder, n) for n in sorted(names) if n.endswith(".py")]
-    return sorted(set(files)) if corpus != "stdlib" else files
+    return list(dict.fromkeys(files))  # once each: the stdlib folder holds site-packages, also a root
 
 
 def read_bytes(path):
@@ -930,6 +930,8 @@ def load_pretrained(name_or_path, device="cpu"):
     with torch.device("meta"):  # no random init of weights the file replaces (28 GB for a 7B model)
         model = GPT(config)
     model.load_state_dict(state, assign=True)
+    if config.tie_embeddings:  # assign=True gave the two names two Parameters: one matrix again
+        model.lm_head.weight = model.tok_emb.weight
     cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head, config.rope_base)
     model.rope_cos, model.rope_sin = cos, sin  # buffers are not in the state dict: build them for real
     large = sum(p.numel() for p in model.parameters()) > 1e9  # float32 for analysis, unless it would not fit

@@ -52,7 +52,7 @@ def test_token0_variance_above_the_others_at_init(smollm2_01):
     assert smollm2_01["var_ratio_token0"]["init"] > 1, smollm2_01["var_ratio_token0"]
 
 
-def test_token0_variance_above_the_others_after_training_on_random_tokens(smollm2_01):
+def test_token0_variance_above_the_others_on_random_tokens(smollm2_01):
     assert smollm2_01["var_ratio_token0"]["random_tokens"] > 1, smollm2_01["var_ratio_token0"]
 
 
