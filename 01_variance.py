@@ -65,8 +65,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import (GPT, first_token_attention, layer_ticks, print_table, random_token_windows, run_script,
-                   script_parser, setup, studied_model, variance_by_position, write_metrics)
+from cli import layer_ticks, print_table, run_script, script_parser, setup, studied_model, write_metrics
+from data import random_token_windows
+from measures import first_token_attention, variance_by_position
+from model import GPT
 
 N_WINDOWS = 64  # held-out windows (and random-token windows) for every measure
 SPIKE_NORM_RATIO = 2.0  # token 0's L2 norm over the others' mean that counts as the norm spike

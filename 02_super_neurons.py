@@ -56,8 +56,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from model import (early_layers, massive_activation_ratio, print_table, row_norm_zscores, run_script, script_parser,
-                   setup, studied_model, top_super_neuron, write_metrics)
+from cli import print_table, run_script, script_parser, setup, studied_model, write_metrics
+from measures import early_layers, massive_activation_ratio, row_norm_zscores, top_super_neuron
 
 N_WINDOWS = 64  # held-out windows for every measure
 SUPER_Z = 3.0  # a super neuron: row-norm z-score >= SUPER_Z in both W_gate and W_up

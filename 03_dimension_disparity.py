@@ -58,8 +58,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import (dominance_ratio, effective_rank, layer_ticks, print_table, run_script, script_parser, setup,
-                   studied_model, write_metrics)
+from cli import layer_ticks, print_table, run_script, script_parser, setup, studied_model, write_metrics
+from measures import dominance_ratio, effective_rank
 
 N_WINDOWS = 64  # held-out windows for every measure
 SPIKE_NORM_RATIO = 2.0  # token 0's L2 norm over the others' mean that counts as the norm spike (as in 01)

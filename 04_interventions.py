@@ -59,8 +59,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from model import (InputError, dominance_ratio, early_layers, print_table, row_norm_zscores, run_script, script_parser,
-                   self_only_mask, setup, studied_model, token0_unit, top_super_neuron, write_metrics)
+from cli import print_table, run_script, script_parser, setup, studied_model, write_metrics
+from measures import dominance_ratio, early_layers, row_norm_zscores, token0_unit, top_super_neuron
+from model import InputError, self_only_mask
 
 N_WINDOWS = 64  # held-out windows for every measure
 LAMBDAS = (1, 2, 4, 8, 16, 32)

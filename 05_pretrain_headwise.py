@@ -83,9 +83,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from model import (ATTENTION_VARIANTS, GPT, InputError, autocast, checkpoint_path, dominance_ratio, effective_rank,
-                   first_token_attention, print_table, profile_configs, run_script, script_parser, setup,
-                   trained_model, variance_by_position, write_metrics)
+from cli import print_table, run_script, script_parser, setup, write_metrics
+from measures import dominance_ratio, effective_rank, first_token_attention, variance_by_position
+from model import ATTENTION_VARIANTS, GPT, InputError
+from training import autocast, checkpoint_path, profile_configs, trained_model
 
 N_WINDOWS = 64  # held-out windows for every measure
 DEFAULT_PROFILE = "cpu_bos"  # on the CPU: the recipe with a BOS sink for the fixes to remove (README, 05)

@@ -10,8 +10,10 @@ import torch
 from torch.testing import assert_close
 
 from conftest import ROOT, claim_not_held, load_script, numbers_in
-from model import (GPT, ByteData, InputError, dominance_ratio, effective_rank, load_corpus, profile_configs,
-                   self_only_mask, trained_model)
+from data import ByteData, load_corpus
+from measures import dominance_ratio, effective_rank
+from model import GPT, InputError, self_only_mask
+from training import profile_configs, trained_model
 
 dimension_disparity = load_script("03_dimension_disparity.py")
 interventions = load_script("04_interventions.py")

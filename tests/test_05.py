@@ -146,7 +146,8 @@ def test_dominance_after_rmsnorm_and_variance_before_the_headwise_norm(tiny_conf
     """The paper measures dominance after RMSNorm (gain included), and Fig. 23 means something only before
     the head-wise norm: after it, every head vector has RMS 1 times its gain, by construction."""
     import dataclasses
-    from model import GPT, dominance_ratio, variance_by_position
+    from measures import dominance_ratio, variance_by_position
+    from model import GPT
     model = GPT(dataclasses.replace(tiny_config, attn="headwise"))
     with torch.no_grad():
         for block in model.blocks:
@@ -164,7 +165,8 @@ def test_dominance_after_rmsnorm_and_variance_before_the_headwise_norm(tiny_conf
 
 def test_is_cached_sees_only_this_recipe(tmp_path):
     """A checkpoint of another recipe of the same profile, variant and seed is not this run's."""
-    from model import ByteData, checkpoint_path
+    from data import ByteData
+    from training import checkpoint_path
     data = ByteData(b"cached or not " * 100, 32, "text")
     path, _ = checkpoint_path("tiny", "softmax", 0, data, "cpu", str(tmp_path))
     os.makedirs(os.path.dirname(path))

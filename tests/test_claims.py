@@ -9,8 +9,11 @@ import pytest
 import torch
 
 from conftest import ROOT, claim_not_held
-from model import (ByteData, early_layers, first_token_attention, load_corpus, massive_activation_ratio, pick_device,
-                   profile_configs, self_only_mask, token0_unit, trained_model)
+from cli import pick_device
+from data import ByteData, load_corpus
+from measures import early_layers, first_token_attention, massive_activation_ratio, token0_unit
+from model import self_only_mask
+from training import profile_configs, trained_model
 
 pytestmark = pytest.mark.claims
 N_WINDOWS = 64

@@ -11,8 +11,10 @@ import torch
 from torch.testing import assert_close
 
 from conftest import ROOT, claim_not_held, load_script
-from model import (ATTENTION_VARIANTS, GPT, profile_configs, random_token_windows, rms_normalize, row_norm_zscores,
-                   trained_model, variance_by_position)
+from data import random_token_windows
+from measures import row_norm_zscores, variance_by_position
+from model import ATTENTION_VARIANTS, GPT, rms_normalize
+from training import profile_configs, trained_model
 
 pytestmark = pytest.mark.exercises
 OUT = os.path.join(ROOT, "out")

@@ -10,10 +10,10 @@ import torch
 from torch.testing import assert_close
 
 from conftest import ROOT
-import model as model_module
-from model import (ATTENTION_VARIANTS, BOS, GPT, ByteData, GPTConfig, InputError, TrainConfig, apply_rope,
-                   load_checkpoint, load_corpus, random_token_windows, rope_tables, save_checkpoint,
-                   self_only_mask, train, trained_model, variance_by_position)
+from data import BOS, ByteData, load_corpus, random_token_windows
+from measures import variance_by_position
+from model import apply_rope, ATTENTION_VARIANTS, GPT, GPTConfig, InputError, rope_tables, self_only_mask
+from training import load_checkpoint, profile_configs, save_checkpoint, train, TrainConfig, trained_model
 
 
 def variant(config, attn):
@@ -243,7 +243,7 @@ def test_tiny_training_lowers_the_loss(tmp_path, attn):
 
 
 def test_bad_device_is_a_one_line_error_and_exit_2():
-    code = "import model; model.run_script(lambda: model.pick_device('cuda' if not model.torch.cuda.is_available() else 'tpu'))"
+    code = "import cli, torch; cli.run_script(lambda: cli.pick_device('cuda' if not torch.cuda.is_available() else 'tpu'))"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error:")
@@ -314,19 +314,19 @@ def test_a_folder_as_data_is_a_clear_error(tmp_path):
 
 
 def run_script_in_a_subprocess(body):
-    code = f"import model, sys\ndef main():\n    {body}\nmodel.run_script(main)"
+    code = f"import cli, sys\ndef main():\n    {body}\ncli.run_script(main)"
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
 
 
 def test_quick_with_another_profile_is_an_error():
-    result = run_script_in_a_subprocess("model.setup(model.script_parser('x').parse_args(['--quick', '--profile', 'cpu']), 'x.py')")
+    result = run_script_in_a_subprocess("cli.setup(cli.script_parser('x').parse_args(['--quick', '--profile', 'cpu']), 'x.py')")
     assert result.returncode == 2 and result.stderr.startswith("error: --quick") and result.stderr.count("\n") == 1
 
 
 def test_unwritable_out_dir_is_a_one_line_error(tmp_path):
     (tmp_path / "a_file").write_text("")
     args = f"['--quick', '--out_dir', {str(tmp_path / 'a_file' / 'out')!r}]"
-    result = run_script_in_a_subprocess(f"model.setup(model.script_parser('x').parse_args({args}), 'x.py')")
+    result = run_script_in_a_subprocess(f"model.setup(cli.script_parser('x').parse_args({args}), 'x.py')")
     assert result.returncode == 2 and result.stderr.startswith("error: cannot write") and result.stderr.count("\n") == 1
 
 
@@ -339,7 +339,7 @@ def test_ctrl_c_is_one_line_and_exit_130():
 def test_gpu_profile_trains_two_steps_on_the_cpu(tmp_path):
     """The gpu profile's model and recipe at a short T: no shape or dtype error reaches a GPU user.
     The second half runs the bf16 autocast that CUDA training uses, here on the CPU."""
-    model_cfg, train_cfg = model_module.profile_configs("gpu")
+    model_cfg, train_cfg = profile_configs("gpu")
     model_cfg = dataclasses.replace(model_cfg, block_size=32)
     train_cfg = dataclasses.replace(train_cfg, steps=2, batch_size=2, eval_windows=2, warmup_steps=1)
     path = tmp_path / "text.txt"

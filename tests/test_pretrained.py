@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from conftest import load_script
-from model import (GGUF, HF, GPT, GPTConfig, InputError, WEIGHT_NAMES, load_corpus, load_pretrained,
-                   rope_rows_to_halves, smollm2_path)
+from data import load_corpus
+from model import GPT, GPTConfig, InputError
+from pretrained import GGUF, HF, load_pretrained, rope_rows_to_halves, smollm2_path, WEIGHT_NAMES
 
 TEXT = "def add(a, b):\n    return a + b  # 12345 naive café\n"
 

@@ -2,11 +2,11 @@
 The recipe search of README ("The recipe search without BOS"): train one recipe, measure the
 chain on held-out text windows, write out/search/<name>.json. One run at a time, e.g.
 
-    nohup python tests/recipe_search.py K1 '{"n_layer": 4}' '{"steps": 8000}' > out/search/K1.log &
+    nohup python tools/recipe_search.py K1 '{"n_layer": 4}' '{"steps": 8000}' > out/search/K1.log &
 
 The first JSON overrides the model of the base recipe, the second its training. The base: no BOS,
 half the windows random bytes, a copied span in every window, 3 layers of d 64, T 64. Not a test:
-pytest does not collect it. `python tests/recipe_search.py --profile cpu` measures the cached
+pytest does not collect it. `python tools/recipe_search.py --profile cpu` measures the cached
 cpu model the same way.
 """
 import json
@@ -18,8 +18,10 @@ from dataclasses import asdict
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import (ByteData, GPT, GPTConfig, TrainConfig, first_token_attention, load_corpus,  # noqa: E402
-                   massive_activation_ratio, profile_configs, self_only_mask, token0_unit, train, trained_model)
+from data import ByteData, load_corpus  # noqa: E402
+from measures import first_token_attention, massive_activation_ratio, token0_unit  # noqa: E402
+from model import GPT, GPTConfig, self_only_mask  # noqa: E402
+from training import TrainConfig, profile_configs, train, trained_model  # noqa: E402
 
 BASE_MODEL = dict(block_size=64, n_layer=3, n_head=4, n_embd=64)
 BASE_TRAIN = dict(steps=8000, batch_size=32, lr=1e-2, warmup_steps=100, schedule="constant", bos=False,

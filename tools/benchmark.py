@@ -6,7 +6,7 @@
   recording   our model recording every hook point at every step
   headwise    our model with head-wise RMSNorm, hooks off
 
-Usage: python tests/benchmark.py [--profile cpu] [--steps 30] [--device cpu]
+Usage: python tools/benchmark.py [--profile cpu] [--steps 30] [--device cpu]
 Not a test: pytest does not collect it. Numbers go in README and the closing notes.
 """
 import argparse
@@ -20,7 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import GPT, pick_device, profile_configs  # noqa: E402
+from cli import pick_device
+from model import GPT
+from training import profile_configs
 
 
 class ReferenceBlock(nn.Module):

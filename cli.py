@@ -1,0 +1,129 @@
+"""
+The command line shared by the numbered scripts: the common options, the studied model (trained
+here and cached, or pretrained), printing tables, writing metrics and figures, and bad input as
+one `error:` line with exit code 2.
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+import torch
+
+from data import ByteData, held_out_tokens, load_corpus
+from model import InputError
+from pretrained import load_pretrained
+from training import PROFILES, profile_configs, trained_model
+
+
+# A pretrained model's held-out windows: 16 windows of 64 tokens, so that each script runs SmolLM2's
+# 30 layers in under 2 minutes on 2 CPU cores. On a GPU, raise both for steadier numbers.
+PRETRAINED_WINDOW, PRETRAINED_N_WINDOWS = 64, 16
+
+
+def pick_device(name="auto"):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda asked for, but CUDA is not available here")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise InputError("--device mps asked for, but MPS is not available here")
+    if name not in ("cuda", "mps", "cpu"):
+        raise InputError(f"unknown device {name!r}; valid: auto, cuda, mps, cpu")
+    return torch.device(name)
+
+
+def script_parser(doc, cpu_profile="cpu", pretrained=True):
+    """The options every numbered script takes; a script adds its own to the returned parser.
+    pretrained: offer --model (01-04 study a trained or a pretrained model; 05 trains its own)."""
+    parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
+    parser.add_argument("--profile", default=None, help=f"{', '.join(PROFILES)} (default: gpu on CUDA, else {cpu_profile})")
+    parser.add_argument("--data", default=None, help="a UTF-8 text file to train on, and whose last 5 %% are the "
+                                                     "held-out windows (default: Python source, see the profile)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out_dir", default="out")
+    parser.add_argument("--quick", action="store_true", help="the tiny profile: a first look in seconds")
+    if pretrained:
+        parser.add_argument("--model", default="trained",
+                            help="trained (the profile's model, trained here and cached; default), smollm2-135m, or "
+                                 "the path of a Llama-architecture .gguf file or Hugging Face folder")
+    return parser
+
+
+def setup(args, script_file, cpu_profile="cpu"):
+    """Resolve the common options: device, profile, data, output folder; seeds torch.
+    The default profile is gpu on CUDA, else cpu_profile."""
+    args.device = pick_device(args.device)
+    args.model = getattr(args, "model", "trained")
+    if args.model != "trained" and (args.quick or args.profile is not None):
+        raise InputError("--quick and --profile choose the model we train; they cannot be combined with --model")
+    if args.quick and args.profile not in (None, "tiny"):
+        raise InputError(f"--quick is the tiny profile; it cannot be combined with --profile {args.profile}")
+    args.profile = "tiny" if args.quick else args.profile or ("gpu" if args.device.type == "cuda" else cpu_profile)
+    model_cfg, train_cfg = profile_configs(args.profile)
+    args.script_dir = os.path.join(args.out_dir, os.path.splitext(os.path.basename(script_file))[0])
+    if args.model == "trained":
+        name = train_cfg.corpus if args.data is None else os.path.basename(args.data)
+        args.dataset = ByteData(load_corpus(args.data, train_cfg.corpus), model_cfg.block_size, name)
+        args.subject = f"{args.profile} model"
+    else:  # a pretrained model: loaded once here, its held-out windows in its own tokens
+        args.pretrained, tokenizer = load_pretrained(args.model, args.device)
+        window = min(PRETRAINED_WINDOW, args.pretrained.config.block_size)
+        args.dataset = held_out_tokens(tokenizer, window, None if args.data is None else load_corpus(args.data))
+        args.subject = os.path.basename(os.path.normpath(args.model)).removesuffix(".gguf")
+        args.script_dir = os.path.join(args.script_dir, args.subject)
+    try:
+        os.makedirs(args.script_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=args.script_dir):  # fail now, not after minutes of training
+            pass
+    except OSError as e:
+        raise InputError(f"cannot write to --out_dir {args.out_dir}: {e.strerror}") from None
+    torch.manual_seed(args.seed)
+    return args
+
+
+def studied_model(args, n_windows, seed_offset=0):
+    """The model a script studies (eval mode) and n_windows of its held-out windows on the device:
+    (model, x (n_windows, T), bos). The trained model comes from the cache, or is trained now."""
+    if args.model == "trained":
+        model, _ = trained_model(args.profile, "softmax", args.seed, args.dataset, args.device, args.out_dir)
+        bos = profile_configs(args.profile)[1].bos
+    else:
+        model, bos, n_windows = args.pretrained, False, min(n_windows, PRETRAINED_N_WINDOWS)
+    x, _ = args.dataset.windows("val", n_windows, bos, torch.Generator().manual_seed(args.seed + seed_offset))
+    return model.eval(), x.to(args.device), bos
+
+
+def layer_ticks(layers):
+    """At most about 15 layer numbers on a plot's axis (SmolLM2 has 30 layers)."""
+    return layers[::max(1, len(layers) // 15)]
+
+
+def write_metrics(metrics, folder):
+    with open(os.path.join(folder, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+
+
+def print_table(rows, header):
+    """Aligned columns; floats with three significant decimals."""
+    cells = [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in row] for row in [header] + rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for j, row in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def run_script(main):
+    """`if __name__ == "__main__"` of each script: bad input becomes one line and exit code 2."""
+    try:
+        main()
+    except (InputError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: a model still in training was not saved (nothing half-written is left)", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,206 @@
+"""
+Training: the named profiles (a model shape and its recipe), AdamW with warmup and cosine, the
+training loop with its progress bar and validation, and the checkpoint cache in out/checkpoints.
+"""
+import contextlib
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data import ByteData, load_corpus
+from model import GPT, GPTConfig, InputError
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
+    warmup_steps: int = 50
+    schedule: str = "cosine"  # or "constant" after warmup
+    weight_decay: float = 0.1  # on matrices and embeddings; never on RMSNorm gains
+    grad_clip: float = 1.0
+    bos: bool = True  # every window starts with the BOS token
+    repeat_prob: float = 0.0  # share of training windows with a copied span (see repeat_span)
+    random_prob: float = 0.0  # share of training windows of uniform random bytes: every head idles there
+    corpus: str = "stdlib"  # the default text: Python's standard library, or "python": with every installed package
+    eval_interval: int = 100
+    eval_windows: int = 64
+    seed: int = 0
+
+
+# Named profiles: the model's shape and its training recipe (see README, "The recipe search").
+# Without BOS (tiny, cpu, gpu) position 0 is an ordinary byte: whatever is special about token 0
+# is its position, the paper's point. cpu_bos keeps a fixed first token for 05's fixes to act on.
+PROFILES = {
+    "tiny": dict(model=dict(block_size=32, n_layer=2, n_head=2, n_embd=32),
+                 train=dict(steps=60, batch_size=16, lr=3e-3, warmup_steps=5, eval_interval=20, eval_windows=16,
+                            bos=False, repeat_prob=1.0, random_prob=0.75)),
+    # The recipe search's choice (README): 3 windows in 4 random bytes, a copied span in every window.
+    "cpu": dict(model=dict(block_size=64, n_layer=3, n_head=4, n_embd=64),
+                train=dict(steps=12000, batch_size=32, lr=1e-2, warmup_steps=100, schedule="constant",
+                           bos=False, repeat_prob=1.0, random_prob=0.75, eval_interval=1000)),
+    # The earlier cpu recipe, with a fixed BOS token: a layer-0 sink on BOS that 05's fixes can remove.
+    "cpu_bos": dict(model=dict(block_size=64, n_layer=3, n_head=4, n_embd=64),
+                    train=dict(steps=8000, batch_size=32, lr=1e-2, warmup_steps=100, schedule="constant",
+                               bos=True, repeat_prob=1.0, eval_interval=500)),
+    # From the literature (Gu et al. 2025), for one GPU; an estimate, not yet run (README): no BOS,
+    # a long context, weight decay 0.5, and all Python source on the interpreter's path, so the
+    # 246M training tokens see the corpus about twice.
+    "gpu": dict(model=dict(block_size=256, n_layer=6, n_head=6, n_embd=384),
+                train=dict(steps=15000, batch_size=64, lr=3e-3, warmup_steps=500, schedule="constant",
+                           weight_decay=0.5, bos=False, repeat_prob=1.0, random_prob=0.5, eval_interval=1000,
+                           corpus="python")),
+}
+
+
+def profile_configs(profile, attn="softmax", seed=0):
+    if profile not in PROFILES:
+        raise InputError(f"unknown profile {profile!r}; valid: {', '.join(PROFILES)}")
+    p = PROFILES[profile]
+    return GPTConfig(attn=attn, **p["model"]), TrainConfig(seed=seed, **p["train"])
+
+
+def learning_rate(step, cfg):
+    """Linear warmup, then cosine decay to lr * min_lr_ratio (or constant)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; float32 everywhere else."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model, x, y, batch_size=64):
+    model.eval()
+    device, losses = next(model.parameters()).device, []
+    for i in range(0, len(x), batch_size):
+        with autocast(device):
+            losses.append(model(x[i:i + batch_size].to(device), y[i:i + batch_size].to(device))[1].item())
+    model.train()
+    return float(np.mean(losses))
+
+
+def norm_gains(model):
+    """The gains of every normalisation: RMSNorm weights and head-wise RMSNorm's per-head gains."""
+    return [p for name, p in model.named_parameters() if name.endswith("norm.weight") or name.endswith("head_norm_gain")]
+
+
+def parameter_groups(model, weight_decay):
+    """AdamW groups: matrices and embeddings decay; norm gains never do, whatever their shape
+    (head-wise RMSNorm's gain is (H, 1, hd), yet a gain like RMSNorm's)."""
+    gains = {id(p) for p in norm_gains(model)}
+    return [{"params": [p for p in model.parameters() if id(p) not in gains], "weight_decay": weight_decay},
+            {"params": [p for p in model.parameters() if id(p) in gains], "weight_decay": 0.0}]
+
+
+def train(model, data, cfg, desc="train"):
+    """Train in place; returns the history {"step", "train_loss", "val_step", "val_loss"}."""
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+    batches = torch.Generator().manual_seed(cfg.seed)  # the data order depends only on the seed
+    val_x, val_y = data.windows("val", cfg.eval_windows, cfg.bos, torch.Generator().manual_seed(1234))
+    history = {"step": [], "train_loss": [], "val_step": [], "val_loss": []}
+    tokens_per_step, start = cfg.batch_size * data.block_size, time.time()
+    bar = tqdm(range(cfg.steps), desc=desc, dynamic_ncols=True, mininterval=1.0)
+    for step in bar:
+        if step % cfg.eval_interval == 0:
+            history["val_step"].append(step)
+            history["val_loss"].append(evaluate(model, val_x, val_y))
+        x, y = data.windows("train", cfg.batch_size, cfg.bos, batches, cfg.repeat_prob, cfg.random_prob)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, cfg)
+        with autocast(device):
+            _, loss = model(x.to(device), y.to(device))
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"training stopped: loss is {loss_value} at step {step}; try a lower learning rate")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        history["step"].append(step)
+        history["train_loss"].append(loss_value)
+        bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{history['val_loss'][-1]:.3f}",
+                        tok_s=f"{tokens_per_step * (step + 1) / (time.time() - start):.0f}")
+    history["val_step"].append(cfg.steps)
+    history["val_loss"].append(evaluate(model, val_x, val_y))
+    return history
+
+
+def save_checkpoint(path, model, train_cfg, history, data_fingerprint, environment=None):
+    """Write atomically: a temp file of this writer's own, then a rename, so an interrupted run
+    never leaves half a file and two runs training the same model both end with a whole one."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    payload = {"model_config": asdict(model.config), "train_config": asdict(train_cfg), "data": data_fingerprint,
+               "environment": environment, "history": history, "state_dict": model.state_dict()}
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as f:
+            torch.save(payload, f)
+        os.replace(temporary, path)  # atomic; if two runs finish, the last rename wins, both files whole
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def load_checkpoint(path, device="cpu", expect=None):
+    """Rebuild a model from its file alone; `expect` (dict) must agree with what the file holds."""
+    try:
+        payload = torch.load(path, map_location=device, weights_only=True)
+        model_config = GPTConfig(**payload["model_config"])
+    except Exception as e:
+        raise InputError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it to retrain") from None
+    for key, value in (expect or {}).items():
+        if payload.get(key) != value:
+            raise InputError(f"checkpoint {path} does not match the requested model ({key} differs); delete it to retrain")
+    model = GPT(model_config).to(device)
+    model.load_state_dict(payload["state_dict"])
+    return model, payload["history"]
+
+
+def training_environment(device):
+    """What else changes the trained weights and can be keyed honestly: torch's version and the
+    device's kind and precision. Not keyed: the code itself (edit model.py's model or training
+    loop and you must delete out/checkpoints yourself), nor the exact GPU or CPU."""
+    device = torch.device(device)
+    return {"torch": str(torch.__version__), "device": device.type, "precision": "bf16" if device.type == "cuda" else "fp32"}
+
+
+def checkpoint_path(profile, attn, seed, data, device, out_dir):
+    """(path, expect): where the cache keeps this model, and what its file must hold."""
+    model_cfg, train_cfg = profile_configs(profile, attn, seed)
+    expect = {"model_config": asdict(model_cfg), "train_config": asdict(train_cfg), "data": data.fingerprint,
+              "environment": training_environment(device)}
+    key = hashlib.sha1(json.dumps(expect, sort_keys=True).encode()).hexdigest()[:10]
+    return os.path.join(out_dir, "checkpoints", f"{profile}-{attn}-seed{seed}-{key}.pt"), expect
+
+
+def trained_model(profile, attn="softmax", seed=0, data=None, device="cpu", out_dir="out"):
+    """The model of this profile, variant and seed: from the cache in out_dir/checkpoints, or trained now."""
+    model_cfg, train_cfg = profile_configs(profile, attn, seed)
+    data = data if data is not None else ByteData(load_corpus(corpus=train_cfg.corpus), model_cfg.block_size, train_cfg.corpus)
+    path, expect = checkpoint_path(profile, attn, seed, data, device, out_dir)
+    if os.path.exists(path):
+        return load_checkpoint(path, device, expect)
+    torch.manual_seed(seed)
+    model = GPT(model_cfg).to(device)
+    history = train(model, data, train_cfg, desc=f"{profile}/{attn}/seed {seed}")
+    save_checkpoint(path, model, train_cfg, history, data.fingerprint, expect["environment"])
+    return model, history
