@@ -83,12 +83,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from cli import print_table, run_script, script_parser, setup, write_metrics
-from measures import dominance_ratio, effective_rank, first_token_attention, variance_by_position
+from cli import N_WINDOWS, print_table, record, run_script, save_figure, script_parser, setup, write_metrics
+from measures import (SINK_THRESHOLD, attention_entropy_by_head, first_token_attention, interval_verdict,
+                      mean_effective_rank, paired_interval, sink_rate, token0_dominance_by_window, variance_by_position)
 from model import ATTENTION_VARIANTS, GPT, InputError
-from training import autocast, checkpoint_path, profile_configs, trained_model
+from training import autocast, checkpoint_path, close_distributed, init_distributed, profile_configs, trained_model
 
-N_WINDOWS = 64  # held-out windows for every measure
 DEFAULT_PROFILE = "cpu_bos"  # on the CPU: the recipe with a BOS sink for the fixes to remove (README, 05)
 AGGREGATION_LAYER = 0  # the layer whose aggregation output Fig. 23 shows
 LABELS = {"softmax": "baseline (softmax)", "sigmoid": "sigmoid", "headwise": "head-wise RMSNorm", "gated": "gated"}
@@ -96,12 +96,6 @@ COLORS = {"softmax": "tab:red", "sigmoid": "tab:green", "headwise": "tab:blue", 
 
 
 # ----------------------------------------------------------------------------- measures
-
-def attention_entropy_by_head(pattern):
-    """(B, H, T, T) softmax attention -> (H,): mean entropy (nats) of the rows of queries t >= 1."""
-    rows = pattern[:, :, 1:]  # (B, H, T-1, T); row 0 has one key, entropy 0
-    return -(rows * rows.clamp_min(1e-30).log()).sum(-1).mean(dim=(0, 2))
-
 
 def head_output_variance(head_out):
     """(B, H, T, hd) head outputs -> (H,): variance over the head dimensions, mean over windows and positions."""
@@ -122,18 +116,19 @@ def steps_to_reach(steps, losses, target):
 def analyse(model, x):
     """One forward pass over the windows x (N, T) -> this model's measures, as lists of floats."""
     n_layer = model.config.n_layer
-    with torch.no_grad(), model.hooks(record=["blocks.*.attn.hook_pattern", "blocks.*.attn.hook_head_out*",
-                                              "blocks.*.hook_resid_in", "blocks.*.hook_attn_in", "hook_resid_final"]) as cache:
-        model(x)
+    cache = record(model, x, ["blocks.*.attn.hook_pattern", "blocks.*.attn.hook_head_out*", "blocks.*.hook_resid_in",
+                              "blocks.*.hook_attn_in", "hook_resid_final"])
     resid = [cache[f"blocks.{i}.hook_resid_in"] for i in range(n_layer)] + [cache["hook_resid_final"]]  # (N, T, C) each
     normalised = [cache[f"blocks.{i}.hook_attn_in"] for i in range(n_layer)]  # after each block's RMSNorm, gain included
     patterns = [cache[f"blocks.{i}.attn.hook_pattern"] for i in range(n_layer)]  # (N, H, T, T) each
     head_outs = [cache[f"blocks.{i}.attn.hook_head_out"] for i in range(n_layer)]  # (N, H, T, hd) each
     to_output_projection = cache[f"blocks.{AGGREGATION_LAYER}.attn.hook_head_out_post"]  # (N, H, T, hd): what W_O gets
+    rate_by_layer, rate = sink_rate(patterns)
     return {
         "first_token_attention": [float(first_token_attention(p).mean()) for p in patterns],
-        "dominance_ratio_token0": [float(dominance_ratio(r[:, 0]).mean()) for r in normalised],  # as the paper
-        "effective_rank": [float(np.mean([effective_rank(window) for window in r])) for r in resid],
+        "sink_rate_by_layer": rate_by_layer, "sink_rate": rate,
+        "dominance_ratio_token0": [float(token0_dominance_by_window(r).mean()) for r in normalised],  # as the paper
+        "effective_rank": [mean_effective_rank(r) for r in resid],
         # within one token; before the head-wise norm or gate, since after it the head-wise curve is flat by construction
         "var_by_position": variance_by_position(head_outs[AGGREGATION_LAYER])[1].tolist(),
         "var_by_position_after_norm": variance_by_position(to_output_projection)[1].tolist(),
@@ -149,9 +144,9 @@ def mean_over_seeds(per_seed):
 
 # ----------------------------------------------------------------------------- the time it will take
 
-def is_cached(profile, attn, seed, data, device, out_dir):
+def is_cached(profile, attn, seed, data, device, out_dir, steps=None):
     """This very run (its configs, data and environment) is in the cache; an older recipe's file is not."""
-    return os.path.exists(checkpoint_path(profile, attn, seed, data, device, out_dir)[0])
+    return os.path.exists(checkpoint_path(profile, attn, seed, data, device, out_dir, steps)[0])
 
 
 def seconds_per_step(attn, profile, data, device, n_steps=3):
@@ -175,24 +170,30 @@ def seconds_per_step(attn, profile, data, device, n_steps=3):
 
 # ----------------------------------------------------------------------------- figures
 
-def save(fig, path):
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def plot_val_loss(val_steps, curves, target, path):
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    """Left: each variant's validation loss, mean and min-max band over seeds. Right: each fix minus
+    the baseline, paired by seed, with its 95 % t interval over seeds."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    baseline = np.array(list(curves["softmax"].values()))  # (seeds, evaluations)
     for variant, by_seed in curves.items():
         losses = np.array(list(by_seed.values()))  # (seeds, evaluations)
-        ax.plot(val_steps, losses.mean(0), color=COLORS[variant], label=f"{LABELS[variant]} (mean of {len(losses)})")
-        ax.fill_between(val_steps, losses.min(0), losses.max(0), color=COLORS[variant], alpha=0.2)
-    ax.axhline(target, color="gray", linestyle=":", label="baseline's final loss")
+        left.plot(val_steps, losses.mean(0), color=COLORS[variant], label=f"{LABELS[variant]} (mean of {len(losses)})")
+        left.fill_between(val_steps, losses.min(0), losses.max(0), color=COLORS[variant], alpha=0.2)
+        if variant != "softmax":
+            low_mean_high = np.array([paired_interval(losses[:, j], baseline[:, j]) for j in range(len(val_steps))])
+            right.plot(val_steps, low_mean_high[:, 0], color=COLORS[variant], label=LABELS[variant])
+            right.fill_between(val_steps, low_mean_high[:, 1], low_mean_high[:, 2], color=COLORS[variant], alpha=0.2)
+    left.axhline(target, color="gray", linestyle=":", label="baseline's final loss")
     top = max(np.array(list(c.values()))[:, 1:].max() for c in curves.values())  # leave out step 0 (about ln 257)
-    ax.set(ylim=(None, top * 1.02), xlabel="training step", ylabel="validation loss (nats per byte)",
-           title="Fig. 16: validation loss, mean and min-max over seeds")
-    ax.legend()
-    save(fig, path)
+    left.set(ylim=(None, top * 1.02), xlabel="training step", ylabel="validation loss (nats per byte)",
+             title="Fig. 16: validation loss, mean and min-max over seeds")
+    left.legend()
+    right.axhline(0, color="tab:red", linewidth=0.8, label="baseline")
+    right.set(xlabel="training step", ylabel="loss minus the baseline's, same seed (nats)",
+              title="paired difference, 95 % t interval over seeds")
+    right.set_xlim(val_steps[1], val_steps[-1])  # step 0: every model is at about ln 257
+    right.legend()
+    save_figure(fig, path)
 
 
 def plot_by_layer(values, ylabel, title, path, reference=None, first_label="layer"):
@@ -205,7 +206,7 @@ def plot_by_layer(values, ylabel, title, path, reference=None, first_label="laye
     ax.set(xlabel=first_label, ylabel=ylabel, title=title, xticks=range(len(next(iter(values.values())))))
     ax.set_ylim(bottom=0)
     ax.legend()
-    save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_variance_by_position(after, before, path):
@@ -218,7 +219,7 @@ def plot_variance_by_position(after, before, path):
     axes[0].set_ylabel(f"variance within a token, layer {AGGREGATION_LAYER}")
     axes[0].legend()
     fig.suptitle("Fig. 23: position-wise variance of the aggregation output")
-    save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_head_entropy(entropy, variance, uniform_entropy, path):
@@ -236,7 +237,7 @@ def plot_head_entropy(entropy, variance, uniform_entropy, path):
     twin.plot(range(len(order)), variance[order], "o-", color="tab:red")
     twin.set(yscale="log")
     twin.set_ylabel("head output variance", color="tab:red")
-    save(fig, path)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- main
@@ -256,28 +257,56 @@ def mean_std_text(values):
     return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
+def seed_study(val_steps, curves, variants):
+    """Each fix against the baseline, paired by seed: the loss difference at the middle evaluation and
+    at the end with its 95 % t interval, and the steps each seed takes to reach its baseline's final loss."""
+    mid = len(val_steps) // 2
+    baseline = np.array(list(curves["softmax"].values()))  # (seeds, evaluations)
+    study = {"mid_step": val_steps[mid], "final_step": val_steps[-1], "by_variant": {}}
+    for v in variants:
+        losses = np.array(list(curves[v].values()))
+        study["by_variant"][v] = {
+            "steps_to_baseline_final_by_seed": [steps_to_reach(val_steps, own, base[-1])
+                                                for own, base in zip(losses.tolist(), baseline.tolist())],
+            **({} if v == "softmax" else {
+                "minus_baseline_mid": dict(zip(("mean", "low", "high"), paired_interval(losses[:, mid], baseline[:, mid]))),
+                "minus_baseline_final": dict(zip(("mean", "low", "high"), paired_interval(losses[:, -1], baseline[:, -1])))}),
+        }
+    return study
+
+
+def interval_text(d):
+    return f"{d['mean']:+.4f}" + ("" if np.isnan(d["low"]) else f" [{d['low']:+.4f}, {d['high']:+.4f}]")
+
+
 def print_claims(metrics, variants):
-    """One line per claim of the paper: the numbers, and whether the claim holds here."""
-    final, attention = metrics["val_loss_final"], metrics["first_token_attention_by_layer"]
+    """One line per claim of the paper: the numbers, and whether the claim holds here. The loss claims
+    come from the paired interval over seeds; the sink claims from Gu et al.'s per-head sink rate."""
+    rate, seeds = metrics["sink_rate_by_seed"], metrics["seeds"]
     dominance, rank = metrics["dominance_ratio_token0_by_layer"], metrics["effective_rank_by_layer"]
-    print("\nThe paper's claims at this scale:")
-    sink = max(attention["softmax"])
-    print(f"  baseline: max attention to token 0 {sink:.3f} "
-          + ("(a sink: over 0.3)" if sink > 0.3 else "(no sink: never over 0.3), so the fix has no sink to remove"))
+    study = metrics["seed_study"]
+    print(f"\nThe paper's claims at this scale ({len(seeds)} seed(s); sink head: mean attention to token 0 >= "
+          f"{SINK_THRESHOLD}, Gu et al.):")
+    has_sink = all(r > 0 for r in rate["softmax"])
+    print(f"  baseline sink rate {np.mean(rate['softmax']):.1%} (by seed {', '.join(f'{r:.0%}' for r in rate['softmax'])}): "
+          + ("a sink in every seed" if has_sink else "not a sink in every seed, so a fix has no sink to remove"))
+    for v in (v for v in variants if v != "softmax"):
+        removed = has_sink and all(r == 0 for r in rate[v])
+        print(f"  {LABELS[v]}: sink rate {np.mean(rate[v]):.1%} (by seed {', '.join(f'{r:.0%}' for r in rate[v])})"
+              + (" -> removes the sink" if removed else " -> does not remove the sink" if has_sink else ""))
+        s = study["by_variant"][v]
+        mid = interval_verdict(s["minus_baseline_mid"]["low"], s["minus_baseline_mid"]["high"], "faster", "slower")
+        end = interval_verdict(s["minus_baseline_final"]["low"], s["minus_baseline_final"]["high"], "lower", "higher")
+        print(f"      loss minus baseline, paired, 95 % t interval: at step {study['mid_step']} "
+              f"{interval_text(s['minus_baseline_mid'])} -> {mid}; at the end (step {study['final_step']}) "
+              f"{interval_text(s['minus_baseline_final'])} -> {end}")
     if "headwise" in variants:
-        wins = sum(h < b for h, b in zip(final["headwise"], final["softmax"]))
-        print(f"  head-wise final val loss {np.mean(final['headwise']):.3f} vs baseline "
-              f"{np.mean(final['softmax']):.3f}: lower in {wins} of {len(final['softmax'])} seed(s) -> "
-              + ("holds" if 2 * wins > len(final["softmax"]) else "does not hold") + " here")
         lower_dominance = max(dominance["headwise"]) < max(dominance["softmax"])
         higher_rank = min(rank["headwise"]) > min(rank["softmax"])
         print(f"  head-wise max dominance {max(dominance['headwise']):.2f} vs baseline "
               f"{max(dominance['softmax']):.2f}, min effective rank {min(rank['headwise']):.1f} vs "
-              f"{min(rank['softmax']):.1f} -> "
+              f"{min(rank['softmax']):.1f} (means over seeds) -> "
               + ("holds" if lower_dominance and higher_rank else "does not hold") + " here")
-    for v in (v for v in ("headwise", "sigmoid") if v in variants):
-        print(f"  {LABELS[v]}: attention to token 0 <= 0.1 in every layer: "
-              f"{'yes' if max(attention[v]) <= 0.1 else 'no'} (max {max(attention[v]):.3f})")
     print(f"  Fig. 13, baseline heads: Spearman rank correlation of entropy and output variance "
           f"{metrics['head_entropy_variance_spearman']:+.2f} (paper: negative, low entropy gives high variance)")
 
@@ -287,16 +316,22 @@ def main(argv=None) -> dict:
     parser.add_argument("--variants", default=",".join(ATTENTION_VARIANTS),
                         help=f"comma-separated, softmax included (default: {','.join(ATTENTION_VARIANTS)})")
     parser.add_argument("--seeds", type=int, default=None,
-                        help="seeds per variant (default: 3 on the gpu profile, else 1)")
+                        help="seeds per variant: --seed, --seed + 1, ... (default: 3 on the gpu profile, else 1)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="a step budget other than the profile's, evaluated 10 times (the seed study's)")
     args = parser.parse_args(argv)
     variants = parse_variants(args.variants)
     if args.seeds is not None and args.seeds < 1:
         raise InputError(f"--seeds {args.seeds}: train at least one seed")
     args = setup(args, __file__, cpu_profile=DEFAULT_PROFILE)
+    args.device, rank, _ = init_distributed(args.device)  # under torchrun: this rank's GPU; else unchanged
     seeds = [args.seed + i for i in range(args.seeds or (3 if args.profile == "gpu" else 1))]
-    model_cfg, train_cfg = profile_configs(args.profile)
+    model_cfg, train_cfg = profile_configs(args.profile, steps=args.steps)
+    args.script_dir = os.path.join(args.script_dir, args.profile + (f"-{args.steps}steps" if args.steps else ""))
+    os.makedirs(args.script_dir, exist_ok=True)
+    run = dict(data=args.dataset, device=args.device, out_dir=args.out_dir, steps=args.steps)
 
-    to_train = [(v, s) for v in variants for s in seeds if not is_cached(args.profile, v, s, args.dataset, args.device, args.out_dir)]
+    to_train = [(v, s) for v in variants for s in seeds if not is_cached(args.profile, v, s, **run)]
     step_time = {v: seconds_per_step(v, args.profile, args.dataset, args.device) for v in {v for v, _ in to_train}}
     expected = sum(step_time[v] * train_cfg.steps for v, _ in to_train)
     print(f"{len(variants) * len(seeds)} runs ({args.profile} profile, {train_cfg.steps} steps x "
@@ -307,30 +342,37 @@ def main(argv=None) -> dict:
 
     x, _ = args.dataset.windows("val", N_WINDOWS, train_cfg.bos, torch.Generator().manual_seed(args.seed))  # (N, T)
     curves, analyses = {}, {}
-    for variant in variants:
-        curves[variant], analyses[variant] = {}, []
-        for seed in seeds:
-            model, history = trained_model(args.profile, variant, seed, args.dataset, args.device, args.out_dir)
-            model.eval()
-            curves[variant][str(seed)] = history["val_loss"]
-            analyses[variant].append(analyse(model, x.to(args.device)))
+    for seed in seeds:  # a paired design: within a seed, every variant sees the same windows in the same order
+        for variant in variants:
+            model, history = trained_model(args.profile, variant, seed, **run)
+            curves.setdefault(variant, {})[str(seed)] = history["val_loss"]
+            analyses.setdefault(variant, []).append(analyse(model.eval(), x.to(args.device)))
+    close_distributed()  # training is over: rank 0 alone analyses, writes and prints
+    if rank != 0:
+        return {}
     val_steps = history["val_step"]  # the same for every run of a profile
 
     final = {v: [curve[-1] for curve in curves[v].values()] for v in variants}
     target = float(np.mean(final["softmax"]))
     mean_curves = {v: mean_over_seeds(list(curves[v].values())) for v in variants}
     by_variant = {key: {v: mean_over_seeds([a[key] for a in analyses[v]]) for v in variants}
-                  for key in ("first_token_attention", "dominance_ratio_token0", "effective_rank",
+                  for key in ("first_token_attention", "sink_rate_by_layer", "dominance_ratio_token0", "effective_rank",
                               "var_by_position", "var_by_position_after_norm")}
     baseline = analyses["softmax"][0]  # seed --seed: heads of different seeds do not correspond
     entropy_flat = np.concatenate(baseline["head_entropy"])  # (n_layer * n_head,)
     variance_flat = np.concatenate(baseline["head_output_variance"])
     metrics = {
-        "n_windows": N_WINDOWS, "profile": args.profile, "variants": variants, "seeds": seeds, "val_steps": val_steps,
+        "n_windows": N_WINDOWS, "profile": args.profile, "steps": train_cfg.steps, "variants": variants,
+        "seeds": seeds, "val_steps": val_steps,
         "val_loss_curves": curves,
+        "val_loss_mean_curves": mean_curves,
         "val_loss_final": final,
         "baseline_final_val_loss": target,
         "steps_to_baseline_loss": {v: steps_to_reach(val_steps, mean_curves[v], target) for v in variants},
+        "seed_study": seed_study(val_steps, curves, variants),
+        "sink_threshold": SINK_THRESHOLD,
+        "sink_rate_by_layer": by_variant["sink_rate_by_layer"],
+        "sink_rate_by_seed": {v: [a["sink_rate"] for a in analyses[v]] for v in variants},
         "first_token_attention_by_layer": by_variant["first_token_attention"],
         "dominance_ratio_token0_by_layer": by_variant["dominance_ratio_token0"],
         "effective_rank_by_layer": by_variant["effective_rank"],
@@ -350,6 +392,8 @@ def main(argv=None) -> dict:
     plot_by_layer(metrics["first_token_attention_by_layer"], "mean attention to token 0",
                   "Fig. 2: attention to the first token by layer", path("fig02_first_token_attention.png"),
                   reference=(uniform_attention, "uniform causal attention"))
+    plot_by_layer(metrics["sink_rate_by_layer"], f"share of heads with attention to token 0 >= {SINK_THRESHOLD}",
+                  "Sink rate by layer (Gu et al.), mean over seeds", path("fig02_sink_rate.png"))
     plot_by_layer(metrics["dominance_ratio_token0_by_layer"], "token 0's dominance ratio max|x| / mean|x|",
                   "Fig. 14: token 0's dominance ratio after RMSNorm", path("fig14_dominance_ratio.png"),
                   first_label="layer (input of block i, after its RMSNorm)")
@@ -361,17 +405,23 @@ def main(argv=None) -> dict:
     plot_head_entropy(baseline["head_entropy"], baseline["head_output_variance"],
                       float(np.mean([np.log(t + 1) for t in range(1, T)])), path("fig13_head_entropy_variance.png"))
 
-    steps = metrics["steps_to_baseline_loss"]
     print(f"\n{args.profile} profile, {len(seeds)} seed(s) {seeds}, {train_cfg.steps} steps; measures on {N_WINDOWS} "
           f"held-out windows, mean over seeds (uniform attention to token 0: {uniform_attention:.3f})")
-    print_table([[LABELS[v], mean_std_text(final[v]), "never" if steps[v] is None else steps[v],
-                  max(by_variant["first_token_attention"][v]), max(by_variant["dominance_ratio_token0"][v]),
-                  min(by_variant["effective_rank"][v])] for v in variants],
-                ["variant", "final val loss", "steps to baseline loss", "max attn to token 0",
+    print_table([[LABELS[v], mean_std_text(final[v]), steps_text(metrics["seed_study"]["by_variant"][v]),
+                  float(np.mean(metrics["sink_rate_by_seed"][v])), max(by_variant["first_token_attention"][v]),
+                  max(by_variant["dominance_ratio_token0"][v]), min(by_variant["effective_rank"][v])] for v in variants],
+                ["variant", "final val loss", "steps to own seed's baseline final", "sink rate", "max attn to token 0",
                  "max dominance 0", "min eff. rank"])
-
+    print("\nvalidation loss by evaluated step (mean over seeds; each seed in metrics.json, val_loss_curves)")
+    print_table([[step] + [mean_curves[v][j] for v in variants] for j, step in enumerate(val_steps)],
+                ["step"] + [LABELS[v] for v in variants])
     print_claims(metrics, variants)
     return metrics
+
+
+def steps_text(study):
+    """Steps to the baseline's final loss, one entry per seed ('-': never within the budget)."""
+    return " ".join("-" if s is None else str(s) for s in study["steps_to_baseline_final_by_seed"])
 
 
 if __name__ == "__main__":

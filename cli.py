@@ -9,6 +9,10 @@ import os
 import sys
 import tempfile
 
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no window
+import matplotlib.pyplot as plt
 import torch
 
 from data import ByteData, held_out_tokens, load_corpus
@@ -17,6 +21,7 @@ from pretrained import load_pretrained
 from training import PROFILES, profile_configs, trained_model
 
 
+N_WINDOWS = 64  # held-out windows that every script measures on (PRETRAINED_N_WINDOWS for a pretrained model)
 # A pretrained model's held-out windows: 16 windows of 64 tokens, so that each script runs SmolLM2's
 # 30 layers in under 2 minutes on 2 CPU cores. On a GPU, raise both for steadier numbers.
 PRETRAINED_WINDOW, PRETRAINED_N_WINDOWS = 64, 16
@@ -100,6 +105,20 @@ def studied_model(args, n_windows, seed_offset=0):
 def layer_ticks(layers):
     """At most about 15 layer numbers on a plot's axis (SmolLM2 has 30 layers)."""
     return layers[::max(1, len(layers) // 15)]
+
+
+def record(model, x, names, **hooks):
+    """One forward pass of x without gradients under `hooks` (edit, mask, mask_layers): {name: recorded tensor}."""
+    with torch.no_grad(), model.hooks(record=names, **hooks) as cache:
+        model(x)
+    return cache
+
+
+def save_figure(fig, path):
+    """Lay out, write as a PNG and close the figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def write_metrics(metrics, folder):

@@ -1,8 +1,17 @@
 """
 The paper's measures that several scripts share: small pure functions, tensor in, number or
 tensor out, so that a test can feed them a hand-built pattern with a known answer.
+Shapes: an attention pattern is (B, H, T, T) (query t, key s); a head output (B, H, T, hd);
+a residual stream (B, T, C); an FFN's hidden activations (B, T, ffn).
 """
+import math
+
+import numpy as np
 import torch
+
+SINK_THRESHOLD = 0.3  # Gu et al. (ICLR 2025): a head whose mean attention to token 0 is at least this is a sink head
+SPIKE_NORM_RATIO = 2.0  # ours, not the paper's: token 0's L2 norm at least 2x the others' mean is the norm spike
+MIN_LATER_QUERIES = 8  # ours: a key must be seen by at least 8 later queries for its attention received to count
 
 
 def row_normalized(pattern):
@@ -15,9 +24,51 @@ def first_token_attention(pattern):
     return row_normalized(pattern)[:, :, 1:, 0].mean(dim=(0, 2))
 
 
+def head_sink_scores(pattern):
+    """(B, H, T, T) -> (H,): each head's mean attention to token 0 over all the queries that can
+    see it (t >= 0), the score of Gu et al.'s sink metric."""
+    return row_normalized(pattern)[:, :, :, 0].mean(dim=(0, 2))
+
+
+def sink_rate(patterns, threshold=SINK_THRESHOLD):
+    """[(B, H, T, T) per layer] -> (rate per layer, rate over all layers): the share of heads whose
+    sink score is at least threshold (Gu et al.'s sink rate, epsilon = 0.3)."""
+    is_sink = [head_sink_scores(p) >= threshold for p in patterns]  # (H,) bool each
+    return [float(s.float().mean()) for s in is_sink], float(torch.cat(is_sink).float().mean())
+
+
+def attention_received(pattern, min_later=MIN_LATER_QUERIES):
+    """(B, H, T, T) -> (T,): the mean weight each key j receives from the later queries t > j, over
+    heads and windows. Not t >= j: under the mask, query k's weight on itself is not attention k
+    receives. Keys with fewer than min_later later queries (the last ones) are NaN: one query,
+    say a previous-token head's, would decide them."""
+    T = pattern.shape[-1]
+    later = torch.tril(torch.ones(T, T), diagonal=-1)  # (query t, key j): 1 where t > j
+    received = (row_normalized(pattern).mean(dim=(0, 1)) * later).sum(0) / later.sum(0).clamp_min(1)
+    return received.masked_fill(later.sum(0) < min_later, float("nan"))
+
+
+def attention_entropy_by_head(pattern, skip=()):
+    """(B, H, T, T) -> (H,): mean entropy (nats) of the query rows t >= 1 not in skip. Row 0 sees
+    only itself (entropy 0), and so does row k under the mask: they would only pull the mean down."""
+    rows = [t for t in range(1, pattern.shape[-2]) if t not in skip]
+    p = pattern[:, :, rows]  # (B, H, rows, T)
+    return -(p * p.clamp_min(1e-30).log()).sum(-1).mean(dim=(0, 2))
+
+
+def norm_spike_layer(norm_token0, norm_others, ratio=SPIKE_NORM_RATIO):
+    """The first layer where token 0's input L2 norm is at least `ratio` times the others', or None."""
+    return next((i for i, (a, b) in enumerate(zip(norm_token0, norm_others)) if a >= ratio * b), None)
+
+
 def dominance_ratio(x):
     """max_i |x_i| / mean_i |x_i| over the last dimension."""
     return x.abs().amax(-1) / x.abs().mean(-1).clamp_min(1e-12)
+
+
+def token0_dominance_by_window(x):
+    """(N, T, C) -> (N,): token 0's dominance ratio in each window."""
+    return dominance_ratio(x[:, 0])
 
 
 def massive_activation_ratio(x):
@@ -30,6 +81,11 @@ def effective_rank(hidden):
     s = torch.linalg.svdvals(hidden.double())
     p = s / s.sum()
     return float(torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum()))
+
+
+def mean_effective_rank(x):
+    """(N, T, C) -> the effective rank of each window's (T, C) hidden states, averaged over windows."""
+    return float(np.mean([effective_rank(window) for window in x]))
 
 
 def row_norm_zscores(mlp):
@@ -52,6 +108,11 @@ def top_super_neuron(model):
     return layer, unit
 
 
+def token0_argmax_unit(hidden):
+    """(N, T, ffn) -> the unit with the largest mean |activation| on token 0 (Yu et al.'s super neuron)."""
+    return int(hidden[:, 0].abs().mean(0).argmax())
+
+
 def token0_unit(hidden_by_layer):
     """The FFN unit that fires most on token 0 against the others, found by its activations:
     {layer: (N, T, ffn) hidden activations} -> (layer, unit, mean |act| on token 0 / mean on t >= 1)."""
@@ -69,3 +130,27 @@ def variance_by_position(head_out):
     across_sequences = head_out.var(dim=0).mean(dim=(0, 2))
     within_token = head_out.var(dim=-1).mean(dim=(0, 1))
     return across_sequences, within_token
+
+
+# t_{0.975, df}, Student's t distribution: the 95 % two-sided quantile for n - 1 degrees of freedom
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def paired_interval(a, b):
+    """Paired by seed: the mean of a - b and its 95 % t interval over seeds, (mean, low, high).
+    With one seed there is no interval: (mean, nan, nan)."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if len(d) < 2:
+        return float(d.mean()), math.nan, math.nan
+    df = len(d) - 1
+    t = T_975[max(k for k in T_975 if k <= df)] if df <= 30 else 1.960  # a smaller df in the table: wider, safe
+    half = t * d.std(ddof=1) / math.sqrt(len(d))
+    return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
+
+
+def interval_verdict(low, high, below="lower", above="higher"):
+    """What a 95 % interval of a difference says: below or above zero, or not distinguishable."""
+    if math.isnan(low):
+        return "one seed: no interval"
+    return below if high < 0 else above if low > 0 else "not distinguishable at this budget"
