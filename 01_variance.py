@@ -65,14 +65,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cli import layer_ticks, print_table, run_script, script_parser, setup, studied_model, write_metrics
+from cli import (N_WINDOWS, layer_ticks, print_table, run_script, save_figure, script_parser, setup, studied_model,
+                 write_metrics)
 from data import random_token_windows
-from measures import first_token_attention, variance_by_position
+from measures import (SINK_THRESHOLD, SPIKE_NORM_RATIO, first_token_attention, norm_spike_layer, sink_rate,
+                      variance_by_position)
 from model import GPT
 
-N_WINDOWS = 64  # held-out windows (and random-token windows) for every measure
-SPIKE_NORM_RATIO = 2.0  # token 0's L2 norm over the others' mean that counts as the norm spike
-SINK_THRESHOLD = 0.3  # Gu et al.'s epsilon: mean attention to token 0 that makes it a sink
 CASE_TITLES = {"init": "random init, text", "trained": "trained, text", "random_tokens": "trained, random tokens"}
 
 
@@ -151,9 +150,7 @@ def plot_variance(by_case, path):
         ax.set(yscale="log", xlabel="position t", ylabel="variance of layer-0 head output",
                title=f"Fig. 1: {CASE_TITLES.get(case, case)}")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_attention_and_norm(layers, attention, norm0, norm_others, path):
@@ -170,9 +167,7 @@ def plot_attention_and_norm(layers, attention, norm0, norm_others, path):
     twin.set_ylim(0, None)
     lines = ax.get_lines()[:1] + twin.get_lines()
     ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_wo(layers, taus, row_taus, post_ratio, path):
@@ -188,9 +183,7 @@ def plot_wo(layers, taus, row_taus, post_ratio, path):
     right.set(xlabel="layer", ylabel="token 0 variance / others' after W_O", xticks=layer_ticks(layers), yscale="log",
               title="Fig. 7: variance ratio after W_O")
     right.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- main
@@ -248,7 +241,9 @@ def main(argv=None) -> dict:
         "wo_kendall_tau_by_layer": taus,
         "wo_row_kendall_tau_mean_by_layer": [float(np.mean(t)) for t in row_taus],
         "post_wo_var_ratio_by_layer": post_ratio,
-        "spike_layer": first_layer([a / b for a, b in zip(norm0, norm_others)], SPIKE_NORM_RATIO),
+        "sink_rate_by_layer": sink_rate([cache[f"blocks.{i}.attn.hook_pattern"] for i in layers])[0],
+        "sink_rate": sink_rate([cache[f"blocks.{i}.attn.hook_pattern"] for i in layers])[1],
+        "spike_layer": norm_spike_layer(norm0, norm_others),
         "sink_layer": first_layer(attention, SINK_THRESHOLD),
     }
     metrics["sink_follows_spike"] = sink_follows_spike(metrics["spike_layer"], metrics["sink_layer"])

@@ -56,10 +56,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from cli import print_table, run_script, script_parser, setup, studied_model, write_metrics
-from measures import early_layers, massive_activation_ratio, row_norm_zscores, top_super_neuron
+from cli import N_WINDOWS, print_table, save_figure, run_script, script_parser, setup, studied_model, write_metrics
+from measures import early_layers, massive_activation_ratio, row_norm_zscores, token0_argmax_unit, top_super_neuron
 
-N_WINDOWS = 64  # held-out windows for every measure
 SUPER_Z = 3.0  # a super neuron: row-norm z-score >= SUPER_Z in both W_gate and W_up
 TOP_DIMS = 3  # how many output dimensions count as "top" and as "massive"
 
@@ -97,9 +96,7 @@ def plot_row_norms(norms, supers, path):
             ax.scatter(gate[s["unit"]], up[s["unit"]], s=40, color="tab:red")
             ax.annotate(str(s["unit"]), (gate[s["unit"]], up[s["unit"]]), fontsize=8)
         ax.set(xlabel="W_gate row L2 norm", ylabel="W_up row L2 norm", title=f"Fig. 8: layer {layer}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_selectivity(cosine, activation, neuron, path):
@@ -112,9 +109,7 @@ def plot_selectivity(cosine, activation, neuron, path):
     right.bar(positions, activation, color=colors)
     right.set(xlabel="position t", ylabel="activation silu(gate) * up (mean over windows)",
               title="Fig. 9: activation (token 0 in red)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_wdown(sorted_magnitudes, kurt, top_dims, massive, path):
@@ -123,9 +118,7 @@ def plot_wdown(sorted_magnitudes, kurt, top_dims, massive, path):
     ax.set(xlabel="rank", ylabel="|W_down column entry|",
            title=f"Fig. 10: super neuron's W_down column (kurtosis {kurt:.1f})")
     ax.text(0.35, 0.8, f"top output dims {top_dims}\ntoken 0's massive dims {massive}", transform=ax.transAxes)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- main
@@ -144,7 +137,7 @@ def main(argv=None) -> dict:
     # Fig. 8: super neurons by weight, and the cross-check by activation on token 0.
     zs = [row_norm_zscores(model.blocks[i].mlp) for i in layers]
     hidden = [cache[f"blocks.{i}.mlp.hook_hidden"] for i in layers]  # each (N, T, ffn)
-    argmax_by_layer = [int(h[:, 0].abs().mean(0).argmax()) for h in hidden]
+    argmax_by_layer = [token0_argmax_unit(h) for h in hidden]
     top_layer, top_unit = top_super_neuron(model)  # in the early layers, as in 04
 
     def entry(layer, unit):

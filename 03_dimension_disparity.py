@@ -58,11 +58,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cli import layer_ticks, print_table, run_script, script_parser, setup, studied_model, write_metrics
-from measures import dominance_ratio, effective_rank
+from cli import (N_WINDOWS, layer_ticks, print_table, run_script, save_figure, script_parser, setup, studied_model,
+                 write_metrics)
+from measures import SPIKE_NORM_RATIO, dominance_ratio, mean_effective_rank, norm_spike_layer
 
-N_WINDOWS = 64  # held-out windows for every measure
-SPIKE_NORM_RATIO = 2.0  # token 0's L2 norm over the others' mean that counts as the norm spike (as in 01)
 
 
 # ----------------------------------------------------------------------------- measures
@@ -125,9 +124,7 @@ def plot_dominance(layers, token0, others, cos0, cos_others, path):
     right.set(ylim=(-0.05, 1.05), xlabel="layer", ylabel="mean cosine between windows",
               title="§4.3: RMSNorm as a directional filter", xticks=layer_ticks(layers))
     right.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_qk_locking(alignment, positive, layer, path):
@@ -140,9 +137,7 @@ def plot_qk_locking(alignment, positive, layer, path):
     twin.plot(heads, positive, "o-", color="tab:red")
     twin.set_ylabel("share of queries with q . k_0 > 0", color="tab:red")
     twin.set_ylim(0, 1)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_effective_rank(layers, ranks, n_embd, path):
@@ -152,9 +147,7 @@ def plot_effective_rank(layers, ranks, n_embd, path):
     ax.set(xlabel="layer (residual stream entering the block)", ylabel="effective rank of (T, C) hidden states",
            title="Fig. 15 / 21: effective rank by layer", xticks=layer_ticks(layers), ylim=(0, n_embd * 1.05))
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- main
@@ -180,13 +173,13 @@ def main(argv=None) -> dict:
     dominance_others = [float(d[:, 1:].mean()) for d in dominance]
     norms = [r.norm(dim=-1) for r in resid]  # each (N, T)
     norm_ratio = [float(n[:, 0].mean() / n[:, 1:].mean()) for n in norms]
-    spiked = [i for i in layers if norm_ratio[i] >= SPIKE_NORM_RATIO]
-    spike_layer = spiked[0] if spiked else int(np.argmax(norm_ratio))
+    spiked = norm_spike_layer([float(n[:, 0].mean()) for n in norms], [float(n[:, 1:].mean()) for n in norms])
+    spike_layer = spiked if spiked is not None else int(np.argmax(norm_ratio))
 
     cos0, cos_others = direction_cosines(model, x_text_first, args.device)
     alignment, positive = qk_locking(model, spike_layer, cache[f"blocks.{spike_layer}.attn.hook_q"],
                                      cache[f"blocks.{spike_layer}.attn.hook_k"])
-    ranks = [float(np.mean([effective_rank(window) for window in r])) for r in resid]  # mean over windows of (T, C)
+    ranks = [mean_effective_rank(r) for r in resid]  # mean over windows of (T, C)
 
     metrics = {
         "n_windows": len(x),
@@ -213,7 +206,7 @@ def main(argv=None) -> dict:
                 ["layer", "norm 0/others", "dominance 0", "others", "0/others", "cos 0", "cos others", "eff. rank"])
     chance = float(np.sqrt(2 / (np.pi * model.blocks[0].attn.head_dim)))  # E|cos| of random directions in hd dims
     print(f"\n{args.subject}, QK locking in layer {spike_layer} (first layer whose input has token 0's norm >= "
-          f"{SPIKE_NORM_RATIO:g}x the others'{'' if spiked else '; none has, so the largest ratio'}); "
+          f"{SPIKE_NORM_RATIO:g}x the others'{'' if spiked is not None else '; none has, so the largest ratio'}); "
           f"|cos| of random directions ~ {chance:.2f}")
     print_table([[h, alignment[h], positive[h]] for h in range(len(alignment))], ["head", "alignment", "q.k0 > 0"])
     best = int(np.argmax([a / b for a, b in zip(dominance0, dominance_others)]))

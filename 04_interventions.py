@@ -59,38 +59,22 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from cli import print_table, run_script, script_parser, setup, studied_model, write_metrics
-from measures import dominance_ratio, early_layers, row_norm_zscores, token0_unit, top_super_neuron
+from cli import N_WINDOWS, print_table, record, run_script, save_figure, script_parser, setup, studied_model, write_metrics
+from measures import (MIN_LATER_QUERIES, SINK_THRESHOLD, attention_entropy_by_head, attention_received, dominance_ratio,
+                      early_layers, head_attention_received, row_norm_zscores, token0_argmax_unit, token0_unit,
+                      top_super_neuron)
 from model import InputError, self_only_mask
 
-N_WINDOWS = 64  # held-out windows for every measure
 LAMBDAS = (1, 2, 4, 8, 16, 32)
 READINGS = ("positions", "own_mean")  # what mu is a mean over (see the docstring)
-SINK_THRESHOLD = 0.3  # Gu et al.'s epsilon
+MASK_GAIN = 10  # ours: under the mask, k receives at least 10x its unmasked attention (the paper's Fig. 5 shows a peak)
 
 
 # ----------------------------------------------------------------------------- measures
 
-def attention_received(pattern):
-    """(B, H, T, T) attention -> (T,): the mean weight each key j receives from the later queries
-    t > j (0 for the last key, which no later query sees). Not t >= j: under the mask, query k
-    puts all its weight on itself, and that is not attention k receives from the others."""
-    T = pattern.shape[-1]
-    later = torch.tril(torch.ones(T, T), diagonal=-1)  # (query t, key j): 1 where t > j
-    return (pattern.mean(dim=(0, 1)) * later).sum(0) / later.sum(0).clamp_min(1)
-
-
-def attention_entropy(pattern, k=None):
-    """(B, H, T, T) attention -> mean entropy (nats) of the rows of queries t >= 1, t != k.
-    Row 0 sees only itself; so does row k under the mask: both would add an entropy of 0."""
-    rows = [t for t in range(1, pattern.shape[-2]) if t != k]
-    p = pattern[:, :, rows]  # (B, H, T-1 or T-2, T)
-    return float(-(p * p.clamp_min(1e-30).log()).sum(-1).mean())
-
-
-def received_in_layers(cache, layers):
+def attention_received_in(cache, layers, min_later=1):
     """Attention received per position, averaged over `layers` -> (T,)."""
-    return torch.stack([attention_received(cache[f"blocks.{i}.attn.hook_pattern"]) for i in layers]).mean(0)
+    return torch.stack([attention_received(cache[f"blocks.{i}.attn.hook_pattern"], min_later) for i in layers]).mean(0)
 
 
 # ----------------------------------------------------------------------------- interventions
@@ -113,13 +97,6 @@ def norm_matched(head_out, k, lam, reading):
     return out
 
 
-def record(model, x, names, **hooks):
-    """One forward pass of x under `hooks` (edit, mask, mask_layers), recording `names`."""
-    with torch.no_grad(), model.hooks(record=names, **hooks) as cache:
-        model(x)
-    return cache
-
-
 def find_super_neuron(model, x):
     """The FFN unit of the early layers whose W_gate and W_up rows have the largest mean norm z-score
     (paper Fig. 8), cross-checked by Yu et al. (2024): the unit with the largest mean |activation|
@@ -128,7 +105,7 @@ def find_super_neuron(model, x):
     z_gate, z_up = row_norm_zscores(model.blocks[layer].mlp)
     best = dict(layer=layer, unit=unit, gate_norm_z=float(z_gate[unit]), up_norm_z=float(z_up[unit]))
     hidden = record(model, x, f"blocks.{best['layer']}.mlp.hook_hidden")[f"blocks.{best['layer']}.mlp.hook_hidden"]
-    best["activation_argmax_unit"] = int(hidden[:, 0].abs().mean(0).argmax())  # hidden (N, T, ffn)
+    best["activation_argmax_unit"] = token0_argmax_unit(hidden)  # hidden (N, T, ffn)
     best["agree"] = best["activation_argmax_unit"] == best["unit"]
     return best
 
@@ -145,9 +122,7 @@ def plot_mask(baseline, masked, k, path):
     ax.set(xlabel="key position j", ylabel="mean attention received from queries t > j", yscale="log",
            title=f"Fig. 5 / 19: mask intervention at k = {k}")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_amplification(lambdas, attention_to_k, k, path):
@@ -161,9 +136,7 @@ def plot_amplification(lambdas, attention_to_k, k, path):
            xticklabels=[str(lam) for lam in lambdas], title=f"Fig. 6 / 20: variance amplification at k = {k}")
     ax.minorticks_off()
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- main
@@ -191,7 +164,7 @@ def main(argv=None) -> dict:
     # Mask intervention: token k attends only to itself in the intervened layers.
     baseline = record(model, x, names)
     masked = record(model, x, names, mask=self_only_mask(T, k, args.device), mask_layers=intervened)
-    received_baseline, received_masked = received_in_layers(baseline, measured), received_in_layers(masked, measured)
+    received_baseline, received_masked = attention_received_in(baseline, measured), attention_received_in(masked, measured)
     # The chain at k: does the unit that fires on token 0 (because token 0 cannot aggregate) fire at k once k cannot?
     unit_layer, unit, unit_ratio = token0_unit({i: baseline[f"blocks.{i}.mlp.hook_hidden"] for i in early_layers(n_layer)})
     unit_hook = f"blocks.{unit_layer}.mlp.hook_hidden"
@@ -200,8 +173,15 @@ def main(argv=None) -> dict:
                              at_k_unmasked=float(baseline[unit_hook][:, k, unit].abs().mean()),
                              at_k_masked=float(masked[unit_hook][:, k, unit].abs().mean()))
     sink = int(received_masked[1:].argmax()) + 1  # over positions >= 1
-    sink_moved = sink == k and float(received_masked[k]) >= SINK_THRESHOLD
-    entropy = {name: [attention_entropy(cache[f"blocks.{i}.attn.hook_pattern"], k) for i in range(n_layer)]
+    sink_moved = sink == k and float(received_masked[k]) >= SINK_THRESHOLD  # the stricter reading: a layer mean
+    # The paper's reading of Fig. 5: k becomes the peak of attention received, among the positions that at
+    # least MIN_LATER_QUERIES later queries see (1 .. T - m), and receives MASK_GAIN times its unmasked share.
+    peak = int(attention_received_in(masked, measured, MIN_LATER_QUERIES)[1:].argmax()) + 1
+    peak_moved = peak == k and float(received_masked[k]) >= MASK_GAIN * float(received_baseline[k])
+    heads_on_k = int(sum((head_attention_received(masked[f"blocks.{i}.attn.hook_pattern"], k) >= SINK_THRESHOLD).sum()
+                         for i in measured))
+    entropy = {name: [float(attention_entropy_by_head(cache[f"blocks.{i}.attn.hook_pattern"], skip=(k,)).mean())
+                      for i in range(n_layer)]
                for name, cache in (("baseline", baseline), ("masked", masked))}
 
     # Variance amplification and its norm control, at the aggregation output of token k.
@@ -211,7 +191,7 @@ def main(argv=None) -> dict:
             for lam in LAMBDAS:
                 edits = {f"blocks.{i}.attn.hook_head_out": partial(edit, k=k, lam=lam, reading=reading) for i in intervened}
                 cache = record(model, x, names, edit=edits)
-                attention_to_k.setdefault((reading, arm), []).append(float(received_in_layers(cache, measured)[k]))
+                attention_to_k.setdefault((reading, arm), []).append(float(attention_received_in(cache, measured)[k]))
                 if reading == "positions":  # the referee's controls, for the main reading
                     resid = cache[last_input]  # (N, T, C): token k's state after every intervened layer but the last
                     neuron_at_k.setdefault(arm, []).append(float(cache[neuron_hook][:, k, neuron["unit"]].mean()))
@@ -225,6 +205,8 @@ def main(argv=None) -> dict:
         "attention_received_baseline": received_baseline.tolist(),
         "attention_received_masked": received_masked.tolist(),
         "sink_moved_to_k": sink_moved,
+        "mask_peak": peak, "mask_peak_moved_to_k": peak_moved, "mask_min_later_queries": MIN_LATER_QUERIES,
+        "mask_heads_on_k": heads_on_k, "mask_heads_measured": len(measured) * model.config.n_head,
         "entropy_by_layer_baseline": entropy["baseline"], "entropy_by_layer_masked": entropy["masked"],
         "lambdas": list(LAMBDAS),
         "attention_to_k_variance": attention_to_k[("positions", "variance")],
@@ -264,8 +246,14 @@ def main(argv=None) -> dict:
           f"{u['at_k_unmasked']:.3g} unmasked ({u['at_k_masked'] / max(u['at_k_unmasked'], 1e-12):.1f}x; "
           f"token 0: {u['at_token0']:.3g})")
     gain = float(received_masked[k] / received_baseline[k])
-    print(f"\n{args.subject}, mask: the sink {'moves' if sink_moved else 'does not move'} to k = {k} (argmax {sink}, "
-          f"{float(received_masked[k]):.3g} received, {gain:.1f}x the baseline)")
+    gain = float(received_masked[k] / received_baseline[k])
+    print(f"\n{args.subject}, mask, as the paper draws it (Fig. 5): k = {k} is "
+          + ("" if peak == k else "not ") + f"the peak of attention received over positions 1..{T - 1 - MIN_LATER_QUERIES} "
+          f"(those that at least {MIN_LATER_QUERIES} later queries see; peak {peak}) and receives {gain:.1f}x its unmasked "
+          f"attention (ours: at least {MASK_GAIN}x) -> the sink {'moves' if peak_moved else 'does not move'} to k; "
+          f"{heads_on_k} of {len(measured) * model.config.n_head} heads give k a mean attention >= {SINK_THRESHOLD}")
+    print(f"{args.subject}, mask, stricter (Gu et al.'s threshold {SINK_THRESHOLD} on the layer mean): the sink "
+          f"{'moves' if sink_moved else 'does not move'} to k = {k} (argmax {sink}, {float(received_masked[k]):.3g} received)")
     variance_top, control_top = attention_to_k[("positions", "variance")][-1], attention_to_k[("positions", "norm_control")][-1]
     print(f"{args.subject}, amplification at λ = {LAMBDAS[-1]}: attention to k {variance_top:.3g} (variance) vs {control_top:.3g} (norm control)"
           + ("" if variance_top >= SINK_THRESHOLD else f"; below {SINK_THRESHOLD}, so no sink at k in this model"))

@@ -180,9 +180,10 @@ def plot_val_loss(val_steps, curves, target, path):
         left.plot(val_steps, losses.mean(0), color=COLORS[variant], label=f"{LABELS[variant]} (mean of {len(losses)})")
         left.fill_between(val_steps, losses.min(0), losses.max(0), color=COLORS[variant], alpha=0.2)
         if variant != "softmax":
-            low_mean_high = np.array([paired_interval(losses[:, j], baseline[:, j]) for j in range(len(val_steps))])
-            right.plot(val_steps, low_mean_high[:, 0], color=COLORS[variant], label=LABELS[variant])
-            right.fill_between(val_steps, low_mean_high[:, 1], low_mean_high[:, 2], color=COLORS[variant], alpha=0.2)
+            mean_low_high = np.array([paired_interval(losses[:, j], baseline[:, j]) for j in range(len(val_steps))],
+                                     dtype=float)  # (evaluations, 3); one seed: no interval, NaN bands are not drawn
+            right.plot(val_steps, mean_low_high[:, 0], color=COLORS[variant], label=LABELS[variant])
+            right.fill_between(val_steps, mean_low_high[:, 1], mean_low_high[:, 2], color=COLORS[variant], alpha=0.2)
     left.axhline(target, color="gray", linestyle=":", label="baseline's final loss")
     top = max(np.array(list(c.values()))[:, 1:].max() for c in curves.values())  # leave out step 0 (about ln 257)
     left.set(ylim=(None, top * 1.02), xlabel="training step", ylabel="validation loss (nats per byte)",
@@ -276,7 +277,7 @@ def seed_study(val_steps, curves, variants):
 
 
 def interval_text(d):
-    return f"{d['mean']:+.4f}" + ("" if np.isnan(d["low"]) else f" [{d['low']:+.4f}, {d['high']:+.4f}]")
+    return f"{d['mean']:+.4f}" + ("" if d["low"] is None else f" [{d['low']:+.4f}, {d['high']:+.4f}]")
 
 
 def print_claims(metrics, variants):

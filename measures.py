@@ -37,15 +37,20 @@ def sink_rate(patterns, threshold=SINK_THRESHOLD):
     return [float(s.float().mean()) for s in is_sink], float(torch.cat(is_sink).float().mean())
 
 
-def attention_received(pattern, min_later=MIN_LATER_QUERIES):
+def attention_received(pattern, min_later=1):
     """(B, H, T, T) -> (T,): the mean weight each key j receives from the later queries t > j, over
     heads and windows. Not t >= j: under the mask, query k's weight on itself is not attention k
-    receives. Keys with fewer than min_later later queries (the last ones) are NaN: one query,
-    say a previous-token head's, would decide them."""
+    receives. Keys seen by fewer than min_later later queries get 0: near the end of the window one
+    query (a previous-token head's, say) would decide them (04 uses MIN_LATER_QUERIES)."""
     T = pattern.shape[-1]
     later = torch.tril(torch.ones(T, T), diagonal=-1)  # (query t, key j): 1 where t > j
     received = (row_normalized(pattern).mean(dim=(0, 1)) * later).sum(0) / later.sum(0).clamp_min(1)
-    return received.masked_fill(later.sum(0) < min_later, float("nan"))
+    return received.masked_fill(later.sum(0) < min_later, 0.0)
+
+
+def head_attention_received(pattern, j):
+    """(B, H, T, T) -> (H,): each head's mean weight on key j from the later queries t > j."""
+    return row_normalized(pattern)[:, :, j + 1:, j].mean(dim=(0, 2))
 
 
 def attention_entropy_by_head(pattern, skip=()):
@@ -139,10 +144,10 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 
 def paired_interval(a, b):
     """Paired by seed: the mean of a - b and its 95 % t interval over seeds, (mean, low, high).
-    With one seed there is no interval: (mean, nan, nan)."""
+    With one seed there is no interval: (mean, None, None)."""
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     if len(d) < 2:
-        return float(d.mean()), math.nan, math.nan
+        return float(d.mean()), None, None
     df = len(d) - 1
     t = T_975[max(k for k in T_975 if k <= df)] if df <= 30 else 1.960  # a smaller df in the table: wider, safe
     half = t * d.std(ddof=1) / math.sqrt(len(d))
@@ -151,6 +156,6 @@ def paired_interval(a, b):
 
 def interval_verdict(low, high, below="lower", above="higher"):
     """What a 95 % interval of a difference says: below or above zero, or not distinguishable."""
-    if math.isnan(low):
+    if low is None:
         return "one seed: no interval"
     return below if high < 0 else above if low > 0 else "not distinguishable at this budget"

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from conftest import ROOT, claim_not_held, load_script, numbers_in
+from conftest import CLAIMS_SEED, ROOT, claim_not_held, load_script, numbers_in
 
 variance = load_script("01_variance.py")
 super_neurons = load_script("02_super_neurons.py")
@@ -133,12 +133,12 @@ OUT = os.path.join(ROOT, "out")  # the cpu model is trained once and cached in o
 
 @pytest.fixture(scope="module")
 def cpu_01():
-    return variance.main(["--profile", "cpu", "--out_dir", OUT])
+    return variance.main(["--profile", "cpu", "--seed", str(CLAIMS_SEED), "--out_dir", OUT])
 
 
 @pytest.fixture(scope="module")
 def cpu_02():
-    return super_neurons.main(["--profile", "cpu", "--out_dir", OUT])
+    return super_neurons.main(["--profile", "cpu", "--seed", str(CLAIMS_SEED), "--out_dir", OUT])
 
 
 @pytest.mark.claims

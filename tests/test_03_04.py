@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from conftest import ROOT, claim_not_held, load_script, numbers_in
+from conftest import CLAIMS_SEED, ROOT, claim_not_held, load_script, numbers_in
 from data import ByteData, load_corpus
-from measures import dominance_ratio, effective_rank
+from cli import record
+from measures import attention_entropy_by_head, attention_received, dominance_ratio, effective_rank
 from model import GPT, InputError, self_only_mask
 from training import profile_configs, trained_model
 
@@ -128,9 +129,9 @@ def test_attention_received_and_entropy_of_uniform_causal_attention():
     pattern = uniform.expand(2, 3, T, T)
     expected = torch.tensor([sum(1 / (t + 1) for t in range(j + 1, T)) / max(T - j - 1, 1) for j in range(T)])
     expected[-1] = 0.0  # no query after the last key
-    assert_close(interventions.attention_received(pattern), expected)
+    assert_close(attention_received(pattern), expected)
     expected_entropy = sum(math.log(t + 1) for t in range(1, T)) / (T - 1)
-    assert interventions.attention_entropy(pattern) == pytest.approx(expected_entropy, rel=1e-6)
+    assert float(attention_entropy_by_head(pattern).mean()) == pytest.approx(expected_entropy, rel=1e-6)
 
 
 def test_the_masked_query_does_not_count_in_what_k_receives():
@@ -141,11 +142,11 @@ def test_the_masked_query_does_not_count_in_what_k_receives():
     pattern[k] = 0.0
     pattern[k, k] = 1.0  # k attends only to itself
     pattern = (pattern / pattern.sum(-1, keepdim=True)).expand(2, 2, T, T)
-    assert float(interventions.attention_received(pattern)[k]) == 0.0
+    assert float(attention_received(pattern)[k]) == 0.0
     without_k = [t for t in range(1, T) if t != k]
     rows = pattern[0, 0, without_k]
     expected = float(-(rows * rows.clamp_min(1e-30).log()).sum(-1).mean())
-    assert interventions.attention_entropy(pattern, k) == pytest.approx(expected, rel=1e-6)
+    assert float(attention_entropy_by_head(pattern, skip=(k,)).mean()) == pytest.approx(expected, rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- interventions
@@ -179,7 +180,7 @@ def test_lambda_one_edit_leaves_the_model_unchanged(tiny_config):
 
 def test_masked_row_k_is_one_hot(tiny_config):
     model, k = GPT(tiny_config), 7
-    cache = interventions.record(model, torch.randint(256, (3, 16)), "blocks.*.attn.hook_pattern",
+    cache = record(model, torch.randint(256, (3, 16)), "blocks.*.attn.hook_pattern",
                                  mask=self_only_mask(16, k), mask_layers=[0, 1])
     for layer in range(2):
         row = cache[f"blocks.{layer}.attn.hook_pattern"][:, :, k]  # (B, H, T)
@@ -203,12 +204,12 @@ OUT = os.path.join(ROOT, "out")  # the cpu model is trained once and cached in o
 
 @pytest.fixture(scope="module")
 def cpu_03():
-    return dimension_disparity.main(["--profile", "cpu", "--out_dir", OUT])
+    return dimension_disparity.main(["--profile", "cpu", "--seed", str(CLAIMS_SEED), "--out_dir", OUT])
 
 
 @pytest.fixture(scope="module")
 def cpu_04():
-    return interventions.main(["--profile", "cpu", "--out_dir", OUT])
+    return interventions.main(["--profile", "cpu", "--seed", str(CLAIMS_SEED), "--out_dir", OUT])
 
 
 @pytest.mark.claims

@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from conftest import ROOT, load_script, numbers_in
+from conftest import ROOT, claim_not_held, load_script, numbers_in
+from measures import attention_entropy_by_head
 from model import InputError
 
 pretrain = load_script("05_pretrain_headwise.py")
@@ -30,7 +31,7 @@ def quick(tmp_path_factory):
 
 def test_quick_run_writes_every_key_figures_and_finite_numbers(quick):
     out, metrics = quick
-    folder = out / "05_pretrain_headwise"
+    folder = out / "05_pretrain_headwise" / "tiny"
     on_disk = json.loads((folder / "metrics.json").read_text())
     assert on_disk == metrics
     assert set(KEYS) <= set(on_disk), set(KEYS) - set(on_disk)
@@ -38,7 +39,7 @@ def test_quick_run_writes_every_key_figures_and_finite_numbers(quick):
     figures = {f.name: f.stat().st_size for f in folder.glob("*.png")}
     assert set(figures) == {"fig16_val_loss.png", "fig02_first_token_attention.png", "fig14_dominance_ratio.png",
                             "fig15_effective_rank.png", "fig23_variance_by_position.png",
-                            "fig13_head_entropy_variance.png"}
+                            "fig13_head_entropy_variance.png", "fig02_sink_rate.png"}
     assert all(size > 0 for size in figures.values())
 
 
@@ -90,7 +91,7 @@ def test_attention_entropy_of_uniform_and_one_hot_attention():
     one_hot[:, 0] = 1  # every query on key 0: a perfect sink
     pattern = torch.stack([uniform, one_hot]).expand(3, 2, T, T)  # (B, H, T, T): head 0 uniform, head 1 one-hot
     expected_uniform = sum(math.log(t + 1) for t in range(1, T)) / (T - 1)
-    torch.testing.assert_close(pretrain.attention_entropy_by_head(pattern), torch.tensor([expected_uniform, 0.0]))
+    torch.testing.assert_close(attention_entropy_by_head(pattern), torch.tensor([expected_uniform, 0.0]))
 
 
 def test_head_output_variance():
@@ -111,35 +112,45 @@ def test_steps_to_reach():
     assert pretrain.steps_to_reach(steps, losses, 0.5) is None
 
 
-# ----------------------------------------------------------------------------- claims (cpu_bos profile, 3 seeds)
+# ----------------------------------------------------------------------------- claims_long: 05's studies over seeds
 
 OUT = os.path.join(ROOT, "out")  # shares the checkpoint cache with 01-04: seed 0 softmax is not trained again
 
 
 @pytest.fixture(scope="module")
-def cpu_05():
+def seed_study():
+    """The convergence claim on the cpu profile (no BOS: token 0's discrepancy is positional): 5 seeds, 2000 steps."""
+    return pretrain.main(["--profile", "cpu", "--seeds", "5", "--steps", "2000", "--out_dir", OUT])
+
+
+@pytest.fixture(scope="module")
+def sink_study():
+    """Sink removal on cpu_bos, the recipe whose baseline grows a sink: 3 seeds."""
     return pretrain.main(["--profile", "cpu_bos", "--seeds", "3", "--out_dir", OUT])
 
 
 @pytest.mark.claims_long
-def test_claim_headwise_reaches_a_lower_val_loss_in_most_seeds(cpu_05):
-    headwise, baseline = cpu_05["val_loss_final"]["headwise"], cpu_05["val_loss_final"]["softmax"]
-    wins = sum(h < b for h, b in zip(headwise, baseline))
-    assert wins >= 2, f"head-wise lower in {wins} of 3 seeds: head-wise {headwise}, baseline {baseline}"
+@claim_not_held("measured here (5 seeds, 2000 steps): head-wise minus baseline +0.022 nats [-0.022, +0.065] at the "
+                "end, +0.040 [-0.031, +0.112] at step 1000: not distinguishable")
+def test_claim_headwise_ends_lower_paired_over_seeds(seed_study):
+    d = seed_study["seed_study"]["by_variant"]["headwise"]["minus_baseline_final"]
+    assert d["high"] < 0, f"head-wise minus baseline at the end: {d}"
+
+
+@pytest.mark.claims_long
+@claim_not_held("measured here (5 seeds): +0.040 nats [-0.031, +0.112] at step 1000")
+def test_claim_headwise_converges_faster_paired_over_seeds(seed_study):
+    d = seed_study["seed_study"]["by_variant"]["headwise"]["minus_baseline_mid"]
+    assert d["high"] < 0, f"head-wise minus baseline at mid-training: {d}"
 
 
 @pytest.mark.claims_long
 @pytest.mark.parametrize("variant", ["headwise", "sigmoid"])
-def test_claim_no_sink_in_any_layer(cpu_05, variant):
-    attention = cpu_05["first_token_attention_by_layer"][variant]
-    assert max(attention) <= 0.1, f"{variant}: attention to token 0 by layer {attention}"
-
-
-@pytest.mark.claims_long
-def test_claim_headwise_lower_dominance_and_higher_effective_rank(cpu_05):
-    dominance, rank = cpu_05["dominance_ratio_token0_by_layer"], cpu_05["effective_rank_by_layer"]
-    assert max(dominance["headwise"]) < max(dominance["softmax"]), f"dominance by layer: {dominance}"
-    assert min(rank["headwise"]) > min(rank["softmax"]), f"effective rank by layer: {rank}"
+def test_claim_the_fix_removes_the_sink_in_every_seed(sink_study, variant):
+    """Not run in this session (3 seeds of 4 variants on cpu_bos: about 2 hours on 2 cores)."""
+    rate = sink_study["sink_rate_by_seed"]
+    assert all(r > 0 for r in rate["softmax"]), f"the baseline has no sink in some seed: {rate['softmax']}"
+    assert all(r == 0 for r in rate[variant]), f"{variant}: sink rate by seed {rate[variant]}"
 
 
 def test_dominance_after_rmsnorm_and_variance_before_the_headwise_norm(tiny_config):

@@ -1,4 +1,4 @@
-"""The recipe's claims (issue 12): the cpu profile's model, trained without BOS and cached in out/,
+"""The recipe's claims: the cpu profile's model, trained without BOS and cached in out/,
 grows the chain by position: a unit that fires on token 0 and fires at k once k cannot aggregate;
 the paper's later links (a massive activation, a sink) are checked too. The fixes are checked where
 05 trains them, on the cpu_bos recipe.
@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from conftest import ROOT, claim_not_held
+from conftest import CLAIMS_SEED, ROOT, claim_not_held
 from cli import pick_device
 from data import ByteData, load_corpus
 from measures import early_layers, first_token_attention, massive_activation_ratio, token0_unit
@@ -26,7 +26,8 @@ def record(profile, attn, names, mask=None):
     model_cfg, train_cfg = profile_configs(profile)
     data = ByteData(load_corpus(corpus=train_cfg.corpus), model_cfg.block_size, train_cfg.corpus)
     device = pick_device()  # the scripts' default, so that they and these tests share one cached model
-    model, _ = trained_model(profile, attn, 0, data, device, os.path.join(ROOT, "out"))
+    seed = CLAIMS_SEED if profile == "cpu" else 0  # the fixes (cpu_bos) are checked on seed 0
+    model, _ = trained_model(profile, attn, seed, data, device, os.path.join(ROOT, "out"))
     x, _ = data.windows("val", N_WINDOWS, train_cfg.bos, torch.Generator().manual_seed(0))
     with torch.no_grad(), model.hooks(record=names, mask=mask) as cache:
         model(x.to(device))

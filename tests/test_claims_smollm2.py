@@ -1,4 +1,4 @@
-"""The paper's claims on a real pretrained model, SmolLM2-135M (issue 10): the scripts 01-04 run
+"""The paper's claims on a real pretrained model, SmolLM2-135M : the scripts 01-04 run
 with --model smollm2-135m, and each claim is checked on their metrics with the field's thresholds
 (Gu et al.'s epsilon = 0.3). Needs the extras of README's setup line; run with `pytest -m claims`."""
 import os
