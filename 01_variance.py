@@ -12,7 +12,7 @@ layer where token 0's input norm spikes, attention to token 0 jumps (Fig. 3).
 
 What this script measures, on 64 held-out windows (16 for a pretrained model) and as many random-token windows:
   - the variance of layer 0's head outputs (blocks.0.attn.hook_head_out, the value
-    aggregation before W_O) at each position, in two readings (model.variance_by_position):
+    aggregation before W_O) at each position, in two readings (measures.variance_by_position):
     per dimension across windows, and across dimensions within one token; for the
     random-init model, the trained model on text, and the trained model on random tokens;
   - var_ratio_token0: the variance at position 0 over its mean at positions >= 1, in the
@@ -35,7 +35,7 @@ Run:  python 01_variance.py [--quick] [--model smollm2-135m]
       (figures and metrics.json in out/01_variance/, or out/01_variance/<model>/)
 
 Exercises (cpu profile; each takes seconds once the model is cached)
-  1. Reading. `variance_by_position` (model.py) takes the across-sequences variance over
+  1. Reading. `variance_by_position` (measures.py) takes the across-sequences variance over
      dim 0 (the windows). Run `python 01_variance.py --profile cpu_bos` (the recipe with a
      BOS token that 05 uses; it trains in 6 to 10 minutes). Why is
      `var_by_position_trained["across_sequences"][0]` then exactly 0, and in which of the

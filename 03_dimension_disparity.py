@@ -33,7 +33,7 @@ Run:  python 03_dimension_disparity.py [--quick] [--model smollm2-135m]
       (figures and metrics.json in out/03_dimension_disparity/, or out/03_dimension_disparity/<model>/)
 
 Exercises (cpu profile; each takes minutes once the model is cached)
-  1. Reading. `dominance_ratio` (model.py) divides by the mean |x_i| over C = n_embd
+  1. Reading. `dominance_ratio` (measures.py) divides by the mean |x_i| over C = n_embd
      dimensions. What is the largest value it can take, and for which vector? Check that no
      entry of `dominance_ratio_token0_by_layer` exceeds it.
   2. Predicting. With `--profile cpu_bos` (a BOS token at position 0) the direction cosines

@@ -28,7 +28,7 @@ of layer i can only change the keys of layers after it, so attention to k is ave
 heads and the layers after --from_layer. The amplification edits the aggregation output
 blocks.{i}.attn.hook_head_out (before W_O). The super neuron is the FFN unit of the early
 layers with the largest W_gate / W_up row-norm z-score (as in 02); the token-0 unit is the one
-whose mean |activation| on token 0 over the others' is largest (model.token0_unit), in the
+whose mean |activation| on token 0 over the others' is largest (measures.token0_unit), in the
 same layers, and is read at k with and without the mask. A small model may show none of
 this; the script prints its numbers and says so.
 

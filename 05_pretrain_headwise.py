@@ -67,7 +67,7 @@ Exercises (cpu_bos profile; a new training takes 6 to 10 minutes on 2 cores, ana
      value, and rerun as in 3 (--out_dir out_gain). Does the gap in `val_loss_final` between
      headwise and softmax close?
   5. Predicting. Gu et al. find that a larger weight decay makes sinks stronger. Add
-     weight_decay=0.5 to PROFILES["cpu_bos"]["train"] (model.py; a new config retrains by itself)
+     weight_decay=0.5 to PROFILES["cpu_bos"]["train"] (training.py; a new config retrains by itself)
      and run `--variants softmax` (then weight_decay=0.0, if you have another 10 minutes).
      Predict, then compare with the default 0.1, the maxima of
      `first_token_attention_by_layer["softmax"]` and `dominance_ratio_token0_by_layer["softmax"]`.
@@ -280,6 +280,11 @@ def interval_text(d):
     return f"{d['mean']:+.4f}" + ("" if d["low"] is None else f" [{d['low']:+.4f}, {d['high']:+.4f}]")
 
 
+def steps_text(study):
+    """Steps to the baseline's final loss, one entry per seed ('-': never within the budget)."""
+    return " ".join("-" if s is None else str(s) for s in study["steps_to_baseline_final_by_seed"])
+
+
 def print_claims(metrics, variants):
     """One line per claim of the paper: the numbers, and whether the claim holds here. The loss claims
     come from the paired interval over seeds; the sink claims from Gu et al.'s per-head sink rate."""
@@ -418,11 +423,6 @@ def main(argv=None) -> dict:
                 ["step"] + [LABELS[v] for v in variants])
     print_claims(metrics, variants)
     return metrics
-
-
-def steps_text(study):
-    """Steps to the baseline's final loss, one entry per seed ('-': never within the budget)."""
-    return " ".join("-" if s is None else str(s) for s in study["steps_to_baseline_final_by_seed"])
 
 
 if __name__ == "__main__":

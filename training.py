@@ -40,14 +40,14 @@ class TrainConfig:
     seed: int = 0
 
 
-# Named profiles: the model's shape and its training recipe (see README, "The recipe search").
+# Named profiles: the model's shape and its training recipe (see docs/recipe_search.md).
 # Without BOS (tiny, cpu, gpu) position 0 is an ordinary byte: whatever is special about token 0
 # is its position, the paper's point. cpu_bos keeps a fixed first token for 05's fixes to act on.
 PROFILES = {
     "tiny": dict(model=dict(block_size=32, n_layer=2, n_head=2, n_embd=32),
                  train=dict(steps=60, batch_size=16, lr=3e-3, warmup_steps=5, eval_interval=20, eval_windows=16,
                             bos=False, repeat_prob=1.0, random_prob=0.75)),
-    # The recipe search's choice (README): 3 windows in 4 random bytes, a copied span in every window.
+    # The recipe search's choice (docs/recipe_search.md): 3 windows in 4 random bytes, a copied span in every window.
     "cpu": dict(model=dict(block_size=64, n_layer=3, n_head=4, n_embd=64),
                 train=dict(steps=12000, batch_size=32, lr=1e-2, warmup_steps=100, schedule="constant",
                            bos=False, repeat_prob=1.0, random_prob=0.75, eval_interval=1000)),
@@ -258,7 +258,7 @@ def load_checkpoint(path, device="cpu", expect=None):
 def training_environment(device):
     """What else changes the trained weights and can be keyed honestly: torch's version and the
     device's kind and precision, and under torchrun the number of processes (its batches differ).
-    Not keyed: the code itself (edit model.py's model or training loop and you must delete
+    Not keyed: the code itself (edit model.py, data.py or the training loop and you must delete
     out/checkpoints yourself), nor the exact GPU or CPU."""
     device = torch.device(device)
     environment = {"torch": str(torch.__version__), "device": device.type, "precision": "bf16" if device.type == "cuda" else "fp32"}

@@ -1,4 +1,4 @@
-"""Pretrained Llama models read into GPT (model.py, section 7).
+"""Pretrained Llama models read into GPT (pretrained.py).
 
 A tiny random Llama (grouped-query attention, tied and untied embeddings) is written the way llama.cpp's
 converter writes a GGUF file, and as a Hugging Face folder, then read back with load_pretrained: the
