@@ -8,42 +8,44 @@ property and it becomes a sink too:
     position receives (mean over the later queries t > j) then peaks at k. The chain at k:
     the FFN unit that fires on token 0 (found by its activations) fires at k too.
   - Variance amplification (Fig. 6, 20). Push token k's head outputs away from their mean,
-    mu + lambda (x_k - mu), for lambda in 1..32: attention to k grows with lambda. Control:
-    multiply x_k by the scalar that gives it the same L2 norm, which changes its norm but
-    not its variance profile: no sink. Variance, not norm, is the cause.
-The paper does not say over what mu is taken. Two readings, both reported:
-  - mu = the mean over the window's positions, per head and dimension ("positions"): token
-    k becomes an outlier among positions, the way token 0 is;
-  - mu = token k's own mean over its head dimensions ("own_mean"): then x_k - mu is x_k less
-    one constant, so this arm is almost the norm control itself; if its attention to k
-    tracks its control, only the first reading separates variance from norm. The printed
-    table shows which reading moves attention to k on your model.
-Controls the referee asked for: mean attention entropy per layer with and without the mask;
-the super neuron's activation, the dominance ratio and the RMS at k under amplification.
+    mu + lambda (x_k - mu), for lambda in 1..32: attention to k grows with lambda. A control
+    that gives x_k the same norm without that variance makes no sink: variance, not norm.
+
+The main reading of the amplification. The paper's chain starts at the aggregation output that
+feeds the first FFN unit firing on token 0 (the token-0 unit, found by its activations as in
+02). That unit reads the attention output of its own block and of every block before it, and
+nothing later; so the main reading edits hook_head_out (o_{t,h}, before W_O) in layers 0 up to
+the unit's layer (--amplify_layers overrides), with mu = x_k's mean over the windows, per head
+and dimension: the variance across sequences of 01 and of the paper's Fig. 1, the one token 0
+has by position. Editing every layer would also rewrite the late layers' keys and values, where
+token 0's variance plays no part. Two controls give x_k the same norm:
+  - scale: x_k times a scalar (per window and head). This keeps its direction, but it also
+    multiplies its variance across windows by the scalar squared;
+  - shift: x_k plus one vector along its mean direction, the same in every window. This leaves
+    the variance across windows exactly unchanged.
+The other readings are printed beside it at the largest lambda: the edit in layer 0 only and
+in all layers, and mu over the window's positions instead of over windows.
 
 Setup: 64 held-out windows (16 for a pretrained model); k = 10 (or the middle of a shorter
-window) from --k. The mask
-and the amplification act in layers --from_layer .. last (default 0); an edit at the output
-of layer i can only change the keys of layers after it, so attention to k is averaged over
-heads and the layers after --from_layer. The amplification edits the aggregation output
-blocks.{i}.attn.hook_head_out (before W_O). The super neuron is the FFN unit of the early
-layers with the largest W_gate / W_up row-norm z-score (as in 02); the token-0 unit is the one
-whose mean |activation| on token 0 over the others' is largest (measures.token0_unit), in the
-same layers, and is read at k with and without the mask. A small model may show none of
-this; the script prints its numbers and says so.
+window) from --k. The mask acts in layers --from_layer .. last (default 0). An edit at the
+output of layer i can only change the keys of layers after it, so attention to k is averaged
+over heads and the layers after the first edited one. The super neuron is the FFN unit of the
+early layers with the largest W_gate / W_up row-norm z-score (as in 02). A small model may show
+none of this; the script prints its numbers and says so.
 
-Run:  python 04_interventions.py [--quick] [--model smollm2-135m] [--k 10] [--from_layer 0]
+Run:  python 04_interventions.py [--quick] [--model smollm2-135m] [--k 10] [--from_layer 0] [--amplify_layers 0-1]
       (figures and metrics.json in out/04_interventions/, or out/04_interventions/<model>/)
 
 Exercises (cpu profile; each takes minutes once the model is cached)
-  1. Reading. `amplified` and `norm_matched` leave every tensor unchanged at lambda = 1.
-     Which entry of `attention_received_baseline` must `attention_to_k_variance[0]` then
-     equal? Check it in metrics.json.
+  1. Reading. `amplified`, `scale_control` and `shift_control` leave every tensor unchanged at
+     lambda = 1. Which entry of `attention_received_baseline` must `attention_to_k_variance[0]`
+     then equal? Check it in metrics.json.
   2. Predicting. Before running `python 04_interventions.py --k 20`, predict where the sink
      of the masked model goes; check `attention_received_masked` and `sink_moved_to_k`.
-  3. Predicting. Why must `attention_to_k_variance_own_mean` stay close to
-     `attention_to_k_norm_control_own_mean`? (Write x_k - mu for mu = mean_i x_{k,i}.)
-     Then compare the two rows of the printed table.
+  3. Predicting. By how much does `scale_control` multiply the variance of x_k across windows
+     when it multiplies every x_k by the same c? And `shift_control`? Which control then
+     separates variance from norm more cleanly? Compare `attention_to_k_scale_control` and
+     `attention_to_k_shift_control`, and their columns in the printed table.
   4. Changing code. Sun et al.'s mean ablation: add a flag `--mean_ablate` that, right
      after `find_super_neuron`, replaces the super neuron's column of W_down
      (`model.blocks[layer].mlp.w_down.weight[:, unit]`) by its mean. Predict, then watch,
@@ -66,8 +68,9 @@ from measures import (MIN_LATER_QUERIES, SINK_THRESHOLD, attention_entropy_by_he
 from model import InputError, self_only_mask
 
 LAMBDAS = (1, 2, 4, 8, 16, 32)
-READINGS = ("positions", "own_mean")  # what mu is a mean over (see the docstring)
+MU_OVER = ("windows", "positions")  # what mu is a mean over (see the docstring); the main reading: windows
 MASK_GAIN = 10  # ours: under the mask, k receives at least 10x its unmasked attention (the paper's Fig. 5 shows a peak)
+CONTROL_GAIN = 3  # ours: the variance arm gives k at least 3x what either control gives (the paper's controls stay flat)
 
 
 # ----------------------------------------------------------------------------- measures
@@ -79,22 +82,44 @@ def attention_received_in(cache, layers, min_later=1):
 
 # ----------------------------------------------------------------------------- interventions
 
-def amplified(head_out, k, lam, reading):
-    """Token k's head outputs (B, H, T, hd) pushed away from their mean by lam; the rest unchanged."""
+def amplified(head_out, k, lam, mu_over="windows"):
+    """Token k's head outputs (B, H, T, hd) pushed away from their mean by lam; the rest unchanged.
+    mu_over "windows": x_k's mean over the B windows, per head and dimension (the across-sequence
+    variance of 01 and Fig. 1); "positions": the mean over the window's T positions."""
     x_k = head_out[:, :, k]  # (B, H, hd)
-    mu = head_out.mean(dim=2) if reading == "positions" else x_k.mean(dim=-1, keepdim=True)  # (B, H, hd) or (B, H, 1)
+    mu = x_k.mean(dim=0, keepdim=True) if mu_over == "windows" else head_out.mean(dim=2)  # (1 or B, H, hd)
     out = head_out.clone()
     out[:, :, k] = mu + lam * (x_k - mu)  # variance amplification: x_k <- mu + lambda (x_k - mu)
     return out
 
 
-def norm_matched(head_out, k, lam, reading):
-    """The control: token k's head outputs times the scalar that gives each the norm `amplified` gives it."""
+def scale_control(head_out, k, lam, mu_over="windows"):
+    """Control (a): x_k times the scalar that gives each window's head the norm `amplified` gives it.
+    Its direction is kept; its variance across windows grows too, by that scalar squared."""
     x_k = head_out[:, :, k]  # (B, H, hd)
-    target_norm = amplified(head_out, k, lam, reading)[:, :, k].norm(dim=-1, keepdim=True)  # (B, H, 1)
+    target_norm = amplified(head_out, k, lam, mu_over)[:, :, k].norm(dim=-1, keepdim=True)  # (B, H, 1)
     out = head_out.clone()
     out[:, :, k] = x_k * (target_norm / x_k.norm(dim=-1, keepdim=True).clamp_min(1e-12))
     return out
+
+
+def shift_control(head_out, k, lam, mu_over="windows"):
+    """Control (b): x_k + c d, with d the direction of x_k's mean over the windows and c one number
+    per head, the same in every window, so the variance across windows does not change at all;
+    c gives x_k the mean squared norm over windows that `amplified` gives it."""
+    x_k = head_out[:, :, k]  # (B, H, hd)
+    target = amplified(head_out, k, lam, mu_over)[:, :, k].pow(2).sum(-1).mean(0)  # (H,)
+    mean = x_k.mean(dim=0)  # (H, hd)
+    d = mean / mean.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    # mean_b |x_b + c d|^2 = mean_b |x_b|^2 + 2 c |mean| + c^2: the root c >= -|mean| of "= target"
+    m, s = mean.norm(dim=-1), x_k.pow(2).sum(-1).mean(0)  # (H,) each
+    c = -m + (m ** 2 - s + target).clamp_min(0).sqrt()
+    out = head_out.clone()
+    out[:, :, k] = x_k + c[None, :, None] * d
+    return out
+
+
+ARMS = {"variance": amplified, "scale control": scale_control, "shift control": shift_control}
 
 
 def find_super_neuron(model, x):
@@ -125,18 +150,37 @@ def plot_mask(baseline, masked, k, path):
     save_figure(fig, path)
 
 
-def plot_amplification(lambdas, attention_to_k, k, path):
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for (reading, arm), values in attention_to_k.items():
-        ax.plot(lambdas, values, "o-" if arm == "variance" else "s--",
-                color="tab:red" if arm == "variance" else "tab:gray", alpha=1.0 if reading == "positions" else 0.5,
-                label=f"{arm.replace('_', ' ')}, mu over {'positions' if reading == 'positions' else 'own dimensions'}")
-    ax.axhline(SINK_THRESHOLD, color="black", linewidth=0.5, linestyle=":", label=f"sink threshold {SINK_THRESHOLD}")
-    ax.set(xscale="log", xlabel="λ", ylabel=f"mean attention received by token {k}", xticks=lambdas,
-           xticklabels=[str(lam) for lam in lambdas], title=f"Fig. 6 / 20: variance amplification at k = {k}")
-    ax.minorticks_off()
-    ax.legend(fontsize=8)
+def plot_amplification(readings, k, path):
+    """Small multiples: one panel per place of the edit; attention to k against lambda, one line per arm
+    and mean (a reading measured at the largest lambda only is a single point)."""
+    wheres = list(dict.fromkeys(r["where"] for r in readings))
+    fig, axes = plt.subplots(1, len(wheres), figsize=(4.5 * len(wheres), 4), sharey=True, squeeze=False)
+    colors = {"variance": "tab:red", "scale control": "tab:gray", "shift control": "tab:blue"}
+    for ax, where in zip(axes[0], wheres):
+        for r in (r for r in readings if r["where"] == where):
+            ax.plot(r["lambdas"], r["attention_to_k"], "o-" if r["mu"] == "windows" else "s--", color=colors[r["arm"]],
+                    alpha=1.0 if r["mu"] == "windows" else 0.5, label=f"{r['arm']}, mu over {r['mu']}")
+        ax.axhline(SINK_THRESHOLD, color="black", linewidth=0.5, linestyle=":", label=f"Gu et al.'s {SINK_THRESHOLD}")
+        ax.set(xscale="log", xlabel="λ", xticks=LAMBDAS, xticklabels=[str(lam) for lam in LAMBDAS], xlim=(0.8, 40),
+               title=f"edit in {where}" + (" (main)" if readings[0]["where"] == where else ""))
+        ax.minorticks_off()
+    axes[0][0].set_ylabel(f"mean attention received by token {k}")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"Fig. 6 / 20: variance amplification at k = {k} and two controls at the same norm")
     save_figure(fig, path)
+
+
+def layer_range(text, n_layer):
+    """'0-1' or '3' -> [0, 1] or [3]: the layers whose aggregation output --amplify_layers edits."""
+    try:
+        first, _, last = text.partition("-")
+        layers = list(range(int(first), int(last or first) + 1))
+    except ValueError:
+        layers = []
+    if not layers or layers[0] < 0 or layers[0] > n_layer - 2 or layers[-1] > n_layer - 1:
+        raise InputError(f"--amplify_layers {text}: give FIRST-LAST or one layer within 0..{n_layer - 1}, "
+                         f"starting at most at {n_layer - 2} so that a later layer can see the change")
+    return layers
 
 
 # ----------------------------------------------------------------------------- main
@@ -144,7 +188,9 @@ def plot_amplification(lambdas, attention_to_k, k, path):
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
     parser.add_argument("--k", type=int, default=None, help="the position to turn into a sink (default 10)")
-    parser.add_argument("--from_layer", type=int, default=0, help="intervene in this layer and the later ones")
+    parser.add_argument("--from_layer", type=int, default=0, help="mask in this layer and the later ones")
+    parser.add_argument("--amplify_layers", default=None,
+                        help="edit these layers' aggregation output, e.g. 0-1 (default: from 0 to the token-0 unit's layer)")
     args = setup(parser.parse_args(argv), __file__)
     model, x, _ = studied_model(args, N_WINDOWS)  # x: (N, T) held-out windows
     T, n_layer = x.shape[1], model.config.n_layer
@@ -154,16 +200,16 @@ def main(argv=None) -> dict:
                          "(token 0 already attends only to itself, and the last token has no later query)")
     if not 0 <= args.from_layer < n_layer - 1:
         raise InputError(f"--from_layer {args.from_layer}: choose 0..{n_layer - 2}, so that a later layer can see the change")
-    intervened = list(range(args.from_layer, n_layer))
+    masked_layers = list(range(args.from_layer, n_layer))
     measured = list(range(args.from_layer + 1, n_layer))  # the layers whose keys at k the intervention reaches
     neuron = find_super_neuron(model, x)
     neuron_hook, last_input = f"blocks.{neuron['layer']}.mlp.hook_hidden", f"blocks.{n_layer - 1}.hook_resid_in"
     early_hidden = [f"blocks.{i}.mlp.hook_hidden" for i in early_layers(n_layer)]
     names = ["blocks.*.attn.hook_pattern", neuron_hook, last_input, *early_hidden]
 
-    # Mask intervention: token k attends only to itself in the intervened layers.
+    # Mask intervention: token k attends only to itself in masked_layers.
     baseline = record(model, x, names)
-    masked = record(model, x, names, mask=self_only_mask(T, k, args.device), mask_layers=intervened)
+    masked = record(model, x, names, mask=self_only_mask(T, k, args.device), mask_layers=masked_layers)
     received_baseline, received_masked = attention_received_in(baseline, measured), attention_received_in(masked, measured)
     # The chain at k: does the unit that fires on token 0 (because token 0 cannot aggregate) fire at k once k cannot?
     unit_layer, unit, unit_ratio = token0_unit({i: baseline[f"blocks.{i}.mlp.hook_hidden"] for i in early_layers(n_layer)})
@@ -184,24 +230,39 @@ def main(argv=None) -> dict:
                       for i in range(n_layer)]
                for name, cache in (("baseline", baseline), ("masked", masked))}
 
-    # Variance amplification and its norm control, at the aggregation output of token k.
-    attention_to_k, neuron_at_k, dominance_at_k, rms_ratio_at_k = {}, {}, {}, {}
-    for reading in READINGS:
-        for arm, edit in (("variance", amplified), ("norm_control", norm_matched)):
-            for lam in LAMBDAS:
-                edits = {f"blocks.{i}.attn.hook_head_out": partial(edit, k=k, lam=lam, reading=reading) for i in intervened}
-                cache = record(model, x, names, edit=edits)
-                attention_to_k.setdefault((reading, arm), []).append(float(attention_received_in(cache, measured)[k]))
-                if reading == "positions":  # the referee's controls, for the main reading
-                    resid = cache[last_input]  # (N, T, C): token k's state after every intervened layer but the last
-                    neuron_at_k.setdefault(arm, []).append(float(cache[neuron_hook][:, k, neuron["unit"]].mean()))
-                    dominance_at_k.setdefault(arm, []).append(float(dominance_ratio(resid[:, k]).mean()))
-                    rms = resid.pow(2).mean(-1).sqrt()  # (N, T): what the next RMSNorm divides by
-                    rms_ratio_at_k.setdefault(arm, []).append(float(rms[:, k].mean() / rms[:, 1:].mean()))
+    # Variance amplification and its two controls at the aggregation output of token k (hook_head_out).
+    # Main reading: the layers up to the token-0 unit's, mu over windows (the docstring says why).
+    main_layers = layer_range(args.amplify_layers, n_layer) if args.amplify_layers else list(range(unit_layer + 1))
+    main_where = f"layers {main_layers[0]}-{main_layers[-1]}" if len(main_layers) > 1 else f"layer {main_layers[0]}"
+    wheres = {}  # layers -> name, the main reading first, without repeats
+    for where, layers in ((main_where, main_layers), ("layer 0", [0]), ("all layers", list(range(n_layer)))):
+        wheres.setdefault(tuple(layers), where)
+    readings, neuron_at_k, dominance_at_k, rms_ratio_at_k = [], {}, {}, {}
+    for layers, where in wheres.items():
+        for mu_over in MU_OVER:
+            main = (where, mu_over) == (main_where, "windows")
+            lambdas = LAMBDAS if main else LAMBDAS[-1:]  # the other readings at the largest lambda only (CPU time)
+            affected = range(layers[0] + 1, n_layer)  # the layers whose keys at k the edit reaches
+            for arm, edit in ARMS.items():
+                attention = []
+                for lam in lambdas:
+                    edits = {f"blocks.{i}.attn.hook_head_out": partial(edit, k=k, lam=lam, mu_over=mu_over) for i in layers}
+                    cache = record(model, x, names, edit=edits)
+                    attention.append(float(attention_received_in(cache, affected)[k]))
+                    if main:  # the referee's controls: the super neuron, the dominance and the RMS at k
+                        resid = cache[last_input]  # (N, T, C): the stream entering the last layer
+                        neuron_at_k.setdefault(arm, []).append(float(cache[neuron_hook][:, k, neuron["unit"]].mean()))
+                        dominance_at_k.setdefault(arm, []).append(float(dominance_ratio(resid[:, k]).mean()))
+                        rms = resid.pow(2).mean(-1).sqrt()  # (N, T): what the next RMSNorm divides by
+                        rms_ratio_at_k.setdefault(arm, []).append(float(rms[:, k].mean() / rms[:, 1:].mean()))
+                readings.append(dict(where=where, layers=list(layers), mu=mu_over, arm=arm, lambdas=list(lambdas),
+                                     attention_to_k=attention))
+    at_top = {r["arm"]: r["attention_to_k"][-1] for r in readings[:len(ARMS)]}  # the main reading, largest lambda
+    beats_controls = at_top["variance"] >= CONTROL_GAIN * max(at_top["scale control"], at_top["shift control"])
 
     metrics = {
         "n_windows": len(x), "k": k, "from_layer": args.from_layer,
-        "intervened_layers": intervened, "measured_layers": measured,
+        "masked_layers": masked_layers, "measured_layers": measured,
         "attention_received_baseline": received_baseline.tolist(),
         "attention_received_masked": received_masked.tolist(),
         "sink_moved_to_k": sink_moved,
@@ -209,10 +270,12 @@ def main(argv=None) -> dict:
         "mask_heads_on_k": heads_on_k, "mask_heads_measured": len(measured) * model.config.n_head,
         "entropy_by_layer_baseline": entropy["baseline"], "entropy_by_layer_masked": entropy["masked"],
         "lambdas": list(LAMBDAS),
-        "attention_to_k_variance": attention_to_k[("positions", "variance")],
-        "attention_to_k_norm_control": attention_to_k[("positions", "norm_control")],
-        "attention_to_k_variance_own_mean": attention_to_k[("own_mean", "variance")],
-        "attention_to_k_norm_control_own_mean": attention_to_k[("own_mean", "norm_control")],
+        "amplification_main": dict(where=main_where, layers=main_layers, mu="windows"),
+        "amplification_readings": readings,
+        "attention_to_k_variance": readings[0]["attention_to_k"],  # the main reading, by lambda
+        "attention_to_k_scale_control": readings[1]["attention_to_k"],
+        "attention_to_k_shift_control": readings[2]["attention_to_k"],
+        "amplification_beats_controls": beats_controls,
         "super_neuron": neuron,
         "token0_unit": token0_unit_chain,
         "superneuron_activation_token0": float(baseline[neuron_hook][:, 0, neuron["unit"]].mean()),
@@ -222,9 +285,9 @@ def main(argv=None) -> dict:
     }
     write_metrics(metrics, args.script_dir)
     plot_mask(received_baseline.numpy(), received_masked.numpy(), k, os.path.join(args.script_dir, "fig5_mask_intervention.png"))
-    plot_amplification(LAMBDAS, attention_to_k, k, os.path.join(args.script_dir, "fig6_variance_amplification.png"))
+    plot_amplification(readings, k, os.path.join(args.script_dir, "fig6_variance_amplification.png"))
 
-    print(f"{args.subject}, {len(x)} held-out windows of {T} tokens; intervened in layers {intervened}, "
+    print(f"{args.subject}, {len(x)} held-out windows of {T} tokens; masked in layers {masked_layers}, "
           f"attention averaged over layers {measured} and their heads")
     rows = [["attention received by token 0", float(received_baseline[0]), float(received_masked[0])],
             [f"attention received by token k = {k}", float(received_baseline[k]), float(received_masked[k])],
@@ -235,17 +298,20 @@ def main(argv=None) -> dict:
           f"W_up {neuron['up_norm_z']:.1f}); largest |activation| on token 0: unit {neuron['activation_argmax_unit']} "
           f"({'agrees' if neuron['agree'] else 'disagrees'}); its activation on token 0: "
           f"{metrics['superneuron_activation_token0']:.3g}\n")
-    print_table([[lam] + [attention_to_k[key][j] for key in attention_to_k]
-                 + [neuron_at_k[arm][j] for arm in neuron_at_k] + [dominance_at_k[arm][j] for arm in dominance_at_k]
-                 for j, lam in enumerate(LAMBDAS)],
-                ["λ", "variance", "norm ctrl", "variance (own)", "norm ctrl (own)",
-                 "neuron at k", "(ctrl)", "dominance at k", "(ctrl)"])
+    print(f"variance amplification, main reading: edit in {main_where} ("
+          + ("--amplify_layers" if args.amplify_layers else "up to the token-0 unit's layer") + "), mu over windows")
+    print_table([[lam] + [neuron_at_k[arm][j] for arm in ARMS] + [dominance_at_k[arm][j] for arm in ARMS]
+                 + [r["attention_to_k"][j] for r in readings[:len(ARMS)]] for j, lam in enumerate(LAMBDAS)],
+                ["λ", "neuron at k", "(scale)", "(shift)", "dominance at k", "(scale)", "(shift)",
+                 "attention to k", "(scale)", "(shift)"])
+    print(f"\nattention to k = {k} at λ = {LAMBDAS[-1]}, every reading (baseline {float(received_baseline[k]):.3g})")
+    print_table([[r["where"], r["mu"], r["arm"], r["attention_to_k"][-1]] for r in readings],
+                ["edit in", "mu over", "arm", "attention to k"])
     u = token0_unit_chain
     print(f"{args.subject}, the chain at k under the mask: the token-0 unit (layer {u['layer']} unit {u['unit']}, found by activation: "
           f"{u['token0_ratio']:.1f}x on token 0) gives |activation| {u['at_k_masked']:.3g} at k masked, "
           f"{u['at_k_unmasked']:.3g} unmasked ({u['at_k_masked'] / max(u['at_k_unmasked'], 1e-12):.1f}x; "
           f"token 0: {u['at_token0']:.3g})")
-    gain = float(received_masked[k] / received_baseline[k])
     gain = float(received_masked[k] / received_baseline[k])
     print(f"\n{args.subject}, mask, as the paper draws it (Fig. 5): k = {k} is "
           + ("" if peak == k else "not ") + f"the peak of attention received over positions 1..{T - 1 - MIN_LATER_QUERIES} "
@@ -254,9 +320,14 @@ def main(argv=None) -> dict:
           f"{heads_on_k} of {len(measured) * model.config.n_head} heads give k a mean attention >= {SINK_THRESHOLD}")
     print(f"{args.subject}, mask, stricter (Gu et al.'s threshold {SINK_THRESHOLD} on the layer mean): the sink "
           f"{'moves' if sink_moved else 'does not move'} to k = {k} (argmax {sink}, {float(received_masked[k]):.3g} received)")
-    variance_top, control_top = attention_to_k[("positions", "variance")][-1], attention_to_k[("positions", "norm_control")][-1]
-    print(f"{args.subject}, amplification at λ = {LAMBDAS[-1]}: attention to k {variance_top:.3g} (variance) vs {control_top:.3g} (norm control)"
-          + ("" if variance_top >= SINK_THRESHOLD else f"; below {SINK_THRESHOLD}, so no sink at k in this model"))
+    gain_over_controls = at_top["variance"] / max(at_top["scale control"], at_top["shift control"], 1e-12)
+    print(f"{args.subject}, amplification at λ = {LAMBDAS[-1]} (main reading, {main_where}, mu over windows): attention to "
+          f"k {at_top['variance']:.3g} (variance) vs {at_top['scale control']:.3g} (scale control) and "
+          f"{at_top['shift control']:.3g} (shift control), {gain_over_controls:.1f}x the larger control (ours: at least "
+          f"{CONTROL_GAIN}x) -> " + ("variance, not norm, moves attention to k" if beats_controls else
+                                    "variance and norm are not separated here")
+          + "; " + ("a sink at k" if at_top["variance"] >= SINK_THRESHOLD else "no sink at k")
+          + f" (Gu et al.'s {SINK_THRESHOLD} on the layer mean)")
     return metrics
 
 

@@ -1,14 +1,13 @@
 """Tests of 01_variance.py and 02_super_neurons.py: the scripts through main(["--quick"]),
-their measures on inputs with known answers, and (group `claims`) the paper's claims on the
-trained cpu-profile model."""
+their measures on inputs with known answers; the paper's claims on the
+trained model are in test_claims.py."""
 import json
 import math
-import os
 
 import pytest
 import torch
 
-from conftest import CLAIMS_SEED, ROOT, claim_not_held, load_script, numbers_in
+from conftest import load_script, numbers_in
 
 variance = load_script("01_variance.py")
 super_neurons = load_script("02_super_neurons.py")
@@ -124,45 +123,3 @@ def test_sink_follows_spike_only_in_the_papers_order():
     assert not variance.sink_follows_spike(spike=1, sink=0)  # a sink before the spike is not the paper's order
     assert not variance.sink_follows_spike(spike=1, sink=3)
     assert not variance.sink_follows_spike(spike=None, sink=0)
-
-
-# ----------------------------------------------------------------------------- claims (cpu profile)
-
-OUT = os.path.join(ROOT, "out")  # the cpu model is trained once and cached in out/checkpoints
-
-
-@pytest.fixture(scope="module")
-def cpu_01():
-    return variance.main(["--profile", "cpu", "--seed", str(CLAIMS_SEED), "--out_dir", OUT])
-
-
-@pytest.fixture(scope="module")
-def cpu_02():
-    return super_neurons.main(["--profile", "cpu", "--seed", str(CLAIMS_SEED), "--out_dir", OUT])
-
-
-@pytest.mark.claims
-@pytest.mark.parametrize("case", ["init", "trained", "random_tokens"])
-def test_claim_token0_variance_above_the_others(cpu_01, case):
-    ratio = cpu_01["var_ratio_token0"][case]
-    assert ratio > 1, f"var_ratio_token0[{case!r}] ({cpu_01['var_ratio_reading']} reading, layer 0) = {ratio:.3f}"
-
-
-@pytest.mark.claims
-@claim_not_held("cpu model measured: token 0's norm spikes at layer 2 (2.74x the others'), but no layer reaches 0.3 "
-                "(attention to token 0 by layer 0.018 / 0.039 / 0.087)")
-def test_claim_sink_follows_the_norm_spike_within_one_layer(cpu_01):
-    attention, norm0, others = (cpu_01[k] for k in ("first_token_attention_by_layer", "first_token_norm_by_layer",
-                                                    "other_token_norm_by_layer"))
-    ratios = [a / b for a, b in zip(norm0, others)]
-    spike, sink = cpu_01["spike_layer"], cpu_01["sink_layer"]
-    assert spike is not None, f"token 0's norm never reaches 2x the others' (ratios by layer: {ratios})"
-    assert sink is not None, f"attention to token 0 never reaches 0.3 (by layer: {attention})"
-    assert spike <= sink <= spike + 1, f"first sink layer {sink} (attention {attention}) vs first spike layer {spike} ({ratios})"
-
-
-@pytest.mark.claims
-def test_claim_a_super_neuron_fires_10x_on_token0(cpu_02):
-    best = max(cpu_02["super_neurons"], key=lambda s: s["token0_activation_ratio"])
-    assert best["token0_activation_ratio"] >= 10, (
-        f"largest token0_activation_ratio {best['token0_activation_ratio']:.2f} (layer {best['layer']} unit {best['unit']})")

@@ -1,15 +1,14 @@
 """Tests of 03_dimension_disparity.py and 04_interventions.py: the scripts through main(["--quick"]),
-their measures on inputs with known answers, and (group `claims`) the paper's claims on the
-trained cpu-profile model."""
+their measures on inputs with known answers; the paper's claims on the
+trained model are in test_claims.py."""
 import json
 import math
-import os
 
 import pytest
 import torch
 from torch.testing import assert_close
 
-from conftest import CLAIMS_SEED, ROOT, claim_not_held, load_script, numbers_in
+from conftest import load_script, numbers_in
 from data import ByteData, load_corpus
 from cli import record
 from measures import attention_entropy_by_head, attention_received, dominance_ratio, effective_rank
@@ -24,8 +23,8 @@ KEYS = {
                                "token0_direction_cosine_by_layer", "qk_alignment_by_head",
                                "positive_score_ratio_by_head", "effective_rank_by_layer"],
     "04_interventions": ["attention_received_baseline", "attention_received_masked", "k", "sink_moved_to_k",
-                         "lambdas", "attention_to_k_variance", "attention_to_k_norm_control",
-                         "attention_to_k_variance_own_mean", "attention_to_k_norm_control_own_mean",
+                         "lambdas", "attention_to_k_variance", "attention_to_k_scale_control",
+                         "attention_to_k_shift_control", "amplification_readings", "amplification_main",
                          "entropy_by_layer_baseline", "entropy_by_layer_masked",
                          "superneuron_activation_at_k", "dominance_ratio_at_k"],
 }
@@ -87,15 +86,19 @@ def test_quick_04_shapes_and_lambda_one_is_the_baseline(quick):
     k = metrics["k"]
     assert k == 10 and len(metrics["attention_received_masked"]) == 32
     assert metrics["lambdas"] == [1, 2, 4, 8, 16, 32]
-    for key in ("attention_to_k_variance", "attention_to_k_norm_control",
-                "attention_to_k_variance_own_mean", "attention_to_k_norm_control_own_mean"):
+    for key in ("attention_to_k_variance", "attention_to_k_scale_control", "attention_to_k_shift_control"):
         assert len(metrics[key]) == 6
         assert metrics[key][0] == pytest.approx(metrics["attention_received_baseline"][k], abs=1e-6)
+    main = metrics["amplification_main"]
+    assert main["mu"] == "windows" and main["layers"] == list(range(metrics["token0_unit"]["layer"] + 1))
+    readings = {(r["where"], r["mu"], r["arm"]) for r in metrics["amplification_readings"]}
+    assert {(main["where"], mu, arm) for mu in ("windows", "positions") for arm in interventions.ARMS} <= readings
 
 
-@pytest.mark.parametrize("flags", [["--k", "32"], ["--k", "-1"], ["--k", "0"], ["--from_layer", "1"]])
+@pytest.mark.parametrize("flags", [["--k", "32"], ["--k", "-1"], ["--k", "0"], ["--from_layer", "1"],
+                                   ["--amplify_layers", "1-1"], ["--amplify_layers", "0-2"], ["--amplify_layers", "a"]])
 def test_04_bad_k_or_layer_is_an_input_error(tmp_path, flags):
-    with pytest.raises(InputError, match="--k|--from_layer"):
+    with pytest.raises(InputError, match="--k|--from_layer|--amplify_layers"):
         interventions.main(["--quick", "--out_dir", str(tmp_path)] + flags)
 
 
@@ -151,28 +154,44 @@ def test_the_masked_query_does_not_count_in_what_k_receives():
 
 # ----------------------------------------------------------------------------- interventions
 
-@pytest.mark.parametrize("reading", ["positions", "own_mean"])
-def test_amplification_and_its_control(reading):
-    head_out, k = torch.randn(3, 2, 8, 4), 5  # (B, H, T, hd)
-    for edit in (interventions.amplified, interventions.norm_matched):
-        assert_close(edit(head_out, k, 1.0, reading), head_out, rtol=0, atol=1e-6)
-    lam = 8.0
-    amplified = interventions.amplified(head_out, k, lam, reading)
-    control = interventions.norm_matched(head_out, k, lam, reading)
+@pytest.mark.parametrize("mu_over", ["windows", "positions"])
+def test_amplification_and_its_two_controls(mu_over):
+    head_out, k, lam = torch.randn(6, 2, 8, 4) + 0.5, 5, 8.0  # (B, H, T, hd), with a mean that is not 0
+    for edit in interventions.ARMS.values():
+        assert_close(edit(head_out, k, 1.0, mu_over), head_out, rtol=0, atol=1e-5)
+    x_k = head_out[:, :, k]  # (B, H, hd)
+    amplified = interventions.amplified(head_out, k, lam, mu_over)
+    scaled = interventions.scale_control(head_out, k, lam, mu_over)
+    shifted = interventions.shift_control(head_out, k, lam, mu_over)
     others = [t for t in range(8) if t != k]
-    assert torch.equal(amplified[:, :, others], head_out[:, :, others])
-    mu = head_out.mean(dim=2) if reading == "positions" else head_out[:, :, k].mean(-1, keepdim=True)
-    assert_close(amplified[:, :, k] - mu, lam * (head_out[:, :, k] - mu))  # the deviation grows by lambda
-    assert_close(control[:, :, k].norm(dim=-1), amplified[:, :, k].norm(dim=-1))  # same norm
-    cosine = torch.nn.functional.cosine_similarity(control[:, :, k], head_out[:, :, k], dim=-1)
-    assert_close(cosine, torch.ones_like(cosine))  # same direction: only the norm changed
+    for edited in (amplified, scaled, shifted):
+        assert torch.equal(edited[:, :, others], head_out[:, :, others])  # only token k changes
+    mu = x_k.mean(0, keepdim=True) if mu_over == "windows" else head_out.mean(dim=2)
+    assert_close(amplified[:, :, k] - mu, lam * (x_k - mu))  # the deviation grows by lambda
+    # scale: each window's norm matched, direction kept
+    assert_close(scaled[:, :, k].norm(dim=-1), amplified[:, :, k].norm(dim=-1))
+    cosine = torch.nn.functional.cosine_similarity(scaled[:, :, k], x_k, dim=-1)
+    assert_close(cosine, torch.ones_like(cosine))
+    # shift: the mean squared norm over windows matched, the variance across windows unchanged
+    assert_close(shifted[:, :, k].pow(2).sum(-1).mean(0), amplified[:, :, k].pow(2).sum(-1).mean(0))
+    assert_close(shifted[:, :, k].var(dim=0), x_k.var(dim=0))
+    if mu_over == "windows":  # with mu over windows the variance across windows grows by lambda squared
+        assert_close(amplified[:, :, k].var(dim=0), lam ** 2 * x_k.var(dim=0))
+
+
+def test_layer_range_of_amplify_layers():
+    assert interventions.layer_range("0-1", 4) == [0, 1] and interventions.layer_range("2", 4) == [2]
+    assert interventions.layer_range("0-3", 4) == [0, 1, 2, 3]
+    for bad in ("3", "0-4", "2-1", "x", "-1"):
+        with pytest.raises(InputError, match="--amplify_layers"):
+            interventions.layer_range(bad, 4)
 
 
 def test_lambda_one_edit_leaves_the_model_unchanged(tiny_config):
     model = GPT(tiny_config)
     x = torch.randint(256, (3, 16))
-    for edit in (interventions.amplified, interventions.norm_matched):
-        edits = {f"blocks.{i}.attn.hook_head_out": lambda h, e=edit: e(h, 5, 1.0, "positions") for i in range(2)}
+    for edit in interventions.ARMS.values():
+        edits = {f"blocks.{i}.attn.hook_head_out": lambda h, e=edit: e(h, 5, 1.0) for i in range(2)}
         with torch.no_grad(), model.hooks(edit=edits):
             edited, _ = model(x)
         assert_close(edited, model(x)[0], rtol=0, atol=1e-5)
@@ -195,61 +214,3 @@ def test_find_super_neuron_finds_a_planted_one(tiny_config):
     neuron = interventions.find_super_neuron(model, torch.randint(256, (4, 16)))
     assert (neuron["layer"], neuron["unit"]) == (1, 13)
     assert neuron["gate_norm_z"] > 3 and neuron["up_norm_z"] > 3
-
-
-# ----------------------------------------------------------------------------- claims (cpu profile)
-
-OUT = os.path.join(ROOT, "out")  # the cpu model is trained once and cached in out/checkpoints
-
-
-@pytest.fixture(scope="module")
-def cpu_03():
-    return dimension_disparity.main(["--profile", "cpu", "--seed", str(CLAIMS_SEED), "--out_dir", OUT])
-
-
-@pytest.fixture(scope="module")
-def cpu_04():
-    return interventions.main(["--profile", "cpu", "--seed", str(CLAIMS_SEED), "--out_dir", OUT])
-
-
-@pytest.mark.claims
-@claim_not_held("cpu model measured: token 0's dominance ratio after RMSNorm is at most 2.58x the others' "
-                "(layers 0-2: 0.96, 0.92, 2.58)")
-def test_claim_token0_dominance_ratio_10x_the_others_in_some_layer(cpu_03):
-    ratios = [a / b for a, b in zip(cpu_03["dominance_ratio_token0_by_layer"], cpu_03["dominance_ratio_others_by_layer"])]
-    assert max(ratios) >= 10, f"token 0's dominance ratio is at most {max(ratios):.2f}x the others' (layers: {ratios})"
-
-
-@pytest.mark.claims
-@claim_not_held("cpu model measured: token 0's direction cosine is 0.89 in layer 2, the spike layer (the others': 0.26)")
-def test_claim_token0_direction_fixed_after_the_spike(cpu_03):
-    after = cpu_03["token0_direction_cosine_by_layer"][cpu_03["spike_layer"]:]
-    assert min(after) >= 0.9, f"token 0's direction cosine from the spike layer {cpu_03['spike_layer']} on: {after}"
-
-
-@pytest.mark.claims
-@claim_not_held("cpu model measured: with k = 10 masked, k receives 0.039 from the later queries (1.6x its 0.024 "
-                "baseline) and the argmax over positions >= 1 stays at 62")
-def test_claim_mask_moves_the_sink_to_k(cpu_04):
-    k, received = cpu_04["k"], cpu_04["attention_received_masked"]
-    masked, baseline = received[k], cpu_04["attention_received_baseline"][k]
-    sink = max(range(1, len(received)), key=received.__getitem__)
-    assert cpu_04["sink_moved_to_k"], f"the masked model's sink over positions >= 1 is at {sink}; received at k={k}: {masked:.3f}"
-    assert masked >= 3 * baseline, f"attention received at k={k}: {masked:.3f} masked vs {baseline:.3f} baseline"
-
-
-@pytest.mark.claims
-@claim_not_held("cpu model measured: attention to k rises from 0.024 at lambda = 1 to 0.049 at lambda = 32 (variance arm)")
-def test_claim_variance_amplification_makes_a_sink(cpu_04):
-    attention = cpu_04["attention_to_k_variance"]
-    steps = [b - a for a, b in zip(attention, attention[1:])]
-    assert min(steps) >= -1e-3, f"attention to k falls as lambda grows: {attention}"  # 1e-3: noise of 64 windows
-    assert attention[-1] >= 0.3, f"attention to k at lambda = {cpu_04['lambdas'][-1]}: {attention[-1]:.3f}"
-
-
-@pytest.mark.claims
-@claim_not_held("cpu model measured: at lambda = 32 the norm control gives 0.027 and the variance arm 0.049: "
-                "below it, but not below a third")
-def test_claim_norm_control_makes_no_sink(cpu_04):
-    variance, control = cpu_04["attention_to_k_variance"][-1], cpu_04["attention_to_k_norm_control"][-1]
-    assert control < variance / 3, f"at the largest lambda: norm control {control:.3f} vs variance arm {variance:.3f}"

@@ -1,95 +1,213 @@
-"""The recipe's claims: the cpu profile's model, trained without BOS and cached in out/,
-grows the chain by position: a unit that fires on token 0 and fires at k once k cannot aggregate;
-the paper's later links (a massive activation, a sink) are checked too. The fixes are checked where
-05 trains them, on the cpu_bos recipe.
-Measured on 64 held-out windows of the corpus. Run with `pytest -m claims` (minutes)."""
+"""The paper's claims on the models we train: the `cpu` model (no BOS), measured by the scripts 01-04 on
+64 held-out windows, and 05's fixes on the `cpu_bos` recipe, whose baseline grows a sink.
+
+The same seed trains a different model on another machine: floating-point results differ across CPUs.
+So a claim about a trained model is judged over seeds, and the two groups split the claims by what
+seeds 0-2 showed on our machine (README, "Results at our scale"):
+  - `claims` (CI; seed CLAIMS_SEED, 0 by default): a claim that held in every seed is asserted; one that
+    failed in every seed is a strict expected failure whose reason gives the range over the seeds;
+  - `claims_long` (seeds 0-2; about 40 minutes of training on 2 cores): a claim that held in some seeds
+    and not in others is asserted in every seed, and marked not held with its count.
+Run: pytest -m claims tests/test_claims.py,  pytest -m claims_long tests/test_claims.py
+"""
 import os
 
 import pytest
 import torch
 
-from conftest import CLAIMS_SEED, ROOT, claim_not_held
 from cli import pick_device
+from conftest import CLAIMS_SEED, ROOT, claim_not_held, load_script
 from data import ByteData, load_corpus
-from measures import early_layers, first_token_attention, massive_activation_ratio, token0_unit
-from model import self_only_mask
+from measures import SINK_THRESHOLD, massive_activation_ratio
 from training import profile_configs, trained_model
 
-pytestmark = pytest.mark.claims
-N_WINDOWS = 64
-K = 10  # the position of the mask intervention
-SINK_THRESHOLD = 0.3  # Gu et al.'s epsilon
+OUT = os.path.join(ROOT, "out")
+SEEDS = (0, 1, 2)
+SCRIPTS = ("01_variance", "02_super_neurons", "03_dimension_disparity", "04_interventions")
+FIXES = ("headwise", "sigmoid")
+_measured = {}  # (what, seed) -> metrics, so that each script runs once per seed in a test session
 
 
-def record(profile, attn, names, mask=None):
-    """One forward pass of the profile's trained model over 64 held-out windows, recording `names`."""
-    model_cfg, train_cfg = profile_configs(profile)
+def out_dir(seed):
+    """Seed 0 writes where a user's run writes (out/); other seeds to out/seeds/<seed>/. All share the cache."""
+    if seed == 0:
+        return OUT
+    folder = os.path.join(OUT, "seeds", str(seed))
+    os.makedirs(os.path.join(OUT, "checkpoints"), exist_ok=True)
+    os.makedirs(folder, exist_ok=True)
+    if not os.path.exists(os.path.join(folder, "checkpoints")):
+        os.symlink(os.path.join(OUT, "checkpoints"), os.path.join(folder, "checkpoints"))
+    return folder
+
+
+def scripts(seed):
+    """01-04 on the cpu model of this seed (trained once, then cached): {script: metrics}."""
+    if ("scripts", seed) not in _measured:
+        flags = ["--profile", "cpu", "--seed", str(seed), "--out_dir", out_dir(seed)]
+        _measured["scripts", seed] = {name: load_script(f"{name}.py").main(flags) for name in SCRIPTS}
+    return _measured["scripts", seed]
+
+
+def massive_ratio_by_layer(seed):
+    """Token 0's max/median |x| over the others', in the residual stream after each layer (Sun et al.)."""
+    model_cfg, train_cfg = profile_configs("cpu")
     data = ByteData(load_corpus(corpus=train_cfg.corpus), model_cfg.block_size, train_cfg.corpus)
-    device = pick_device()  # the scripts' default, so that they and these tests share one cached model
-    seed = CLAIMS_SEED if profile == "cpu" else 0  # the fixes (cpu_bos) are checked on seed 0
-    model, _ = trained_model(profile, attn, seed, data, device, os.path.join(ROOT, "out"))
-    x, _ = data.windows("val", N_WINDOWS, train_cfg.bos, torch.Generator().manual_seed(0))
-    with torch.no_grad(), model.hooks(record=names, mask=mask) as cache:
-        model(x.to(device))
-    return model.config.n_layer, cache
+    model, _ = trained_model("cpu", "softmax", seed, data, pick_device(), out_dir(seed))  # the scripts' device
+    x, _ = data.windows("val", 64, train_cfg.bos, torch.Generator().manual_seed(seed))  # the scripts' windows
+    names = [f"blocks.{i}.hook_resid_in" for i in range(1, model_cfg.n_layer)] + ["hook_resid_final"]
+    with torch.no_grad(), model.eval().hooks(record=names) as cache:
+        model(x.to(pick_device()))
+    return [float(massive_activation_ratio(cache[n][:, 0]).mean() / massive_activation_ratio(cache[n][:, 1:]).mean())
+            for n in names]
 
 
-@pytest.fixture(scope="module")
-def softmax():
-    return record("cpu", "softmax", ["*hook_pattern", "*hook_resid_in", "hook_resid_final", "*mlp.hook_hidden"])
+def fixes(n_seeds):
+    """05 on cpu_bos: the baseline and the two fixes, seeds 0 .. n_seeds - 1: its metrics."""
+    if ("fixes", n_seeds) not in _measured:
+        _measured["fixes", n_seeds] = load_script("05_pretrain_headwise.py").main(
+            ["--profile", "cpu_bos", "--seeds", str(n_seeds), "--variants", "softmax," + ",".join(FIXES),
+             "--out_dir", OUT])
+    return _measured["fixes", n_seeds]
 
 
-@pytest.fixture(scope="module")
-def masked():
-    T = profile_configs("cpu")[0].block_size
-    return record("cpu", "softmax", ["*hook_pattern", "*mlp.hook_hidden"], mask=self_only_mask(T, K))
+# ----------------------------------------------------------------------------- the claims, one seed each
+# Each takes a seed and returns (held, what was measured).
+
+def variance_above_the_others(case):
+    def claim(seed):
+        ratio = scripts(seed)["01_variance"]["var_ratio_token0"][case]
+        return ratio > 1, f"token 0's variance over the others' ({case}, layer 0, across windows): {ratio:.2f}"
+    return claim
 
 
-def first_token_attention_by_head(n_layer, cache):
-    return [first_token_attention(cache[f"blocks.{i}.attn.hook_pattern"]) for i in range(n_layer)]  # (H,) each
+def a_sink_in_a_layer_from_1_on(seed):
+    m = scripts(seed)["01_variance"]
+    attention, share = m["first_token_attention_by_layer"], m["heads_over_threshold_by_layer"]
+    held = any(a >= SINK_THRESHOLD and s >= 0.5 for a, s in list(zip(attention, share))[1:])
+    return held, f"attention to token 0 by layer {[round(a, 3) for a in attention]}, share of heads over 0.3 {share}"
 
 
-def the_token0_unit(n_layer, cache):
-    return token0_unit({i: cache[f"blocks.{i}.mlp.hook_hidden"] for i in early_layers(n_layer)})
+def the_sink_follows_the_norm_spike(seed):
+    m = scripts(seed)["01_variance"]
+    return m["sink_follows_spike"], f"norm spike in layer {m['spike_layer']}, first sink layer {m['sink_layer']}"
 
 
-def test_a_unit_fires_10x_on_token_0(softmax):
-    layer, unit, ratio = the_token0_unit(*softmax)
-    assert ratio >= 10, f"the strongest token-0 unit (layer {layer}, unit {unit}) fires {ratio:.1f}x on token 0"
+def a_super_neuron_fires_10x_on_token_0(seed):
+    best = max(scripts(seed)["02_super_neurons"]["super_neurons"], key=lambda s: s["token0_activation_ratio"])
+    return (best["token0_activation_ratio"] >= 10,
+            f"the top unit by row norms (layer {best['layer']} unit {best['unit']}) fires {best['token0_activation_ratio']:.1f}x")
 
 
-def test_the_mask_makes_it_fire_at_k_5x(softmax, masked):
-    """The positional link: once k cannot aggregate, the token-0 unit fires at k too."""
-    n_layer, cache = softmax
-    layer, unit, _ = the_token0_unit(n_layer, cache)
-    unmasked = float(cache[f"blocks.{layer}.mlp.hook_hidden"][:, K, unit].abs().mean())
-    under_mask = float(masked[1][f"blocks.{layer}.mlp.hook_hidden"][:, K, unit].abs().mean())
-    assert under_mask >= 5 * unmasked, f"layer {layer} unit {unit} at k = {K}: {unmasked:.3g} unmasked, {under_mask:.3g} masked"
+def a_massive_activation_on_token_0(seed):
+    ratios = massive_ratio_by_layer(seed)
+    return max(ratios) >= 10, f"token 0's max/median over the others' after each layer: {[round(r, 1) for r in ratios]}"
 
 
-@claim_not_held("cpu model measured: attention to token 0 by layer 0.018 / 0.039 / 0.087, no head over 0.3")
-def test_a_sink_in_a_layer_from_1_on(softmax):
-    n_layer, cache = softmax
-    by_layer = first_token_attention_by_head(n_layer, cache)
-    sinks = [i for i, heads in enumerate(by_layer) if i >= 1 and heads.mean() >= SINK_THRESHOLD
-             and (heads > SINK_THRESHOLD).float().mean() >= 0.5]
-    assert sinks, (f"attention to token 0 by layer {[round(h.mean().item(), 3) for h in by_layer]}, heads over "
-                   f"{SINK_THRESHOLD}: {[int((h > SINK_THRESHOLD).sum()) for h in by_layer]}")
+def dominance_10x_the_others(seed):
+    m = scripts(seed)["03_dimension_disparity"]
+    ratios = [a / b for a, b in zip(m["dominance_ratio_token0_by_layer"], m["dominance_ratio_others_by_layer"])]
+    return max(ratios) >= 10, f"token 0's dominance ratio over the others' by layer: {[round(r, 2) for r in ratios]}"
 
 
-@claim_not_held("cpu model measured: token 0's max/median over the others' is 1.0 / 2.6 / 2.5 after layers 0-2")
-def test_massive_activation_on_token_0(softmax):
-    n_layer, cache = softmax
-    states = [cache[f"blocks.{i}.hook_resid_in"] for i in range(1, n_layer)] + [cache["hook_resid_final"]]
-    ratios = [massive_activation_ratio(s[:, 0]).mean() / massive_activation_ratio(s[:, 1:]).mean() for s in states]
-    assert max(ratios) >= 10, f"token 0's max/median over the others' after each layer: {[round(float(r), 1) for r in ratios]}"
+def a_fixed_direction_after_the_spike(seed):
+    m = scripts(seed)["03_dimension_disparity"]
+    if m["spike_layer"] is None:
+        return False, "no norm spike"
+    after = m["token0_direction_cosine_by_layer"][m["spike_layer"]:]
+    return min(after) >= 0.9, f"token 0's direction cosine from the spike (layer {m['spike_layer']}) on: {after}"
 
 
-@pytest.mark.parametrize("attn", [
-    pytest.param("headwise", marks=claim_not_held("cpu_bos measured: head-wise keeps 0.166 in layer 2 (0.101, 0.022, 0.166)")),
-    pytest.param("sigmoid", marks=claim_not_held("cpu_bos measured: sigmoid keeps 0.137 in layer 0 (0.137, 0.044, 0.088)")),
-])
-def test_fix_removes_the_sink(attn):
-    n_layer, cache = record("cpu_bos", attn, "*hook_pattern")
-    by_layer = [heads.mean().item() for heads in first_token_attention_by_head(n_layer, cache)]
-    assert max(by_layer) <= 0.1, f"{attn}: attention to token 0 by layer {[round(a, 3) for a in by_layer]}"
+def a_unit_fires_10x_on_token_0(seed):
+    u = scripts(seed)["04_interventions"]["token0_unit"]
+    return u["token0_ratio"] >= 10, f"the token-0 unit (layer {u['layer']} unit {u['unit']}) fires {u['token0_ratio']:.1f}x"
+
+
+def the_mask_makes_it_fire_at_k_5x(seed):
+    u = scripts(seed)["04_interventions"]["token0_unit"]
+    gain = u["at_k_masked"] / max(u["at_k_unmasked"], 1e-12)
+    return gain >= 5, f"the token-0 unit at k: {u['at_k_unmasked']:.3g} unmasked, {u['at_k_masked']:.3g} masked ({gain:.1f}x)"
+
+
+def the_mask_moves_the_sink_to_k(seed):
+    m = scripts(seed)["04_interventions"]
+    k = m["k"]
+    return m["mask_peak_moved_to_k"], (f"peak of attention received under the mask at {m['mask_peak']}; k = {k} receives "
+                                       f"{m['attention_received_masked'][k]:.3f} ({m['attention_received_baseline'][k]:.3f} unmasked)")
+
+
+def amplification_makes_a_sink(seed):
+    attention = scripts(seed)["04_interventions"]["attention_to_k_variance"]
+    return attention[-1] >= SINK_THRESHOLD, f"attention to k by lambda (main reading): {[round(a, 3) for a in attention]}"
+
+
+def variance_not_norm_moves_k(seed):
+    m = scripts(seed)["04_interventions"]
+    top = {arm: m[f"attention_to_k_{arm}"][-1] for arm in ("variance", "scale_control", "shift_control")}
+    return top["variance"] >= 3 * max(top["scale_control"], top["shift_control"]), f"at lambda = 32: {top}"
+
+
+def the_fix_removes_the_sink(variant, n_seeds):
+    """Gu et al.'s sink rate: the baseline has sink heads in every seed, the fix none."""
+    def claim(seed):
+        rate = fixes(n_seeds)["sink_rate_by_seed"]
+        return rate["softmax"][seed] > 0 and rate[variant][seed] == 0, (
+            f"sink rate (heads with mean attention to token 0 >= 0.3): softmax {rate['softmax'][seed]:.3f}, "
+            f"{variant} {rate[variant][seed]:.3f}")
+    return claim
+
+
+CLAIMS = {
+    "token 0's variance above the others' at init": variance_above_the_others("init"),
+    "token 0's variance above the others' trained, on text": variance_above_the_others("trained"),
+    "token 0's variance above the others' trained, on random tokens": variance_above_the_others("random_tokens"),
+    "a sink in a layer from 1 on": a_sink_in_a_layer_from_1_on,
+    "the sink follows the norm spike within one layer": the_sink_follows_the_norm_spike,
+    "a super neuron fires 10x on token 0": a_super_neuron_fires_10x_on_token_0,
+    "a massive activation on token 0, 10x the others'": a_massive_activation_on_token_0,
+    "token 0's dominance ratio 10x the others'": dominance_10x_the_others,
+    "token 0's direction fixed (cosine 0.9) from the spike on": a_fixed_direction_after_the_spike,
+    "a unit fires 10x on token 0": a_unit_fires_10x_on_token_0,
+    "the mask makes it fire at k 5x": the_mask_makes_it_fire_at_k_5x,
+    "the mask moves the sink to k": the_mask_moves_the_sink_to_k,
+    "variance amplification makes a sink at k": amplification_makes_a_sink,
+    "variance, not norm, moves attention to k (3x both controls)": variance_not_norm_moves_k,
+}
+FIX_CLAIMS = {f"{variant} removes the sink": variant for variant in FIXES}
+
+# What seeds 0-2 showed here (README, "Results at our scale"): the claims that failed in every seed,
+# with their range, and those whose outcome differed between seeds, with their count.
+FAILED_IN_EVERY_SEED = {}
+DIFFERS_BETWEEN_SEEDS = {}
+
+
+def ci_param(name):
+    if name in DIFFERS_BETWEEN_SEEDS:
+        return None
+    marks = [claim_not_held(FAILED_IN_EVERY_SEED[name])] if name in FAILED_IN_EVERY_SEED else []
+    return pytest.param(name, marks=marks, id=name)
+
+
+def long_param(name):
+    return pytest.param(name, marks=[claim_not_held(DIFFERS_BETWEEN_SEEDS[name])], id=name)
+
+
+@pytest.mark.claims
+@pytest.mark.parametrize("name", [p for p in map(ci_param, CLAIMS) if p])
+def test_claim_on_the_cpu_model(name):
+    held, measured = CLAIMS[name](CLAIMS_SEED)
+    assert held, f"seed {CLAIMS_SEED}: {measured}"
+
+
+@pytest.mark.claims
+@pytest.mark.parametrize("name", [p for p in map(ci_param, FIX_CLAIMS) if p])
+def test_fix_on_the_cpu_bos_model(name):
+    held, measured = the_fix_removes_the_sink(FIX_CLAIMS[name], 1)(0)
+    assert held, f"seed 0: {measured}"
+
+
+@pytest.mark.claims_long
+@pytest.mark.parametrize("name", [long_param(n) for n in list(CLAIMS) + list(FIX_CLAIMS) if n in DIFFERS_BETWEEN_SEEDS])
+def test_claim_in_every_seed(name):
+    claim = CLAIMS[name] if name in CLAIMS else the_fix_removes_the_sink(FIX_CLAIMS[name], len(SEEDS))
+    results = [claim(seed) for seed in SEEDS]
+    assert all(held for held, _ in results), "; ".join(f"seed {s}: {m}" for s, (_, m) in zip(SEEDS, results))

@@ -114,7 +114,7 @@ def test_03_exercise_2_on_bos_windows_token0_has_one_direction():
 def test_04_exercise_1_lambda_one_is_the_baseline():
     metrics = run("04_interventions.py")
     k = metrics["k"]
-    for key in ("attention_to_k_variance", "attention_to_k_norm_control"):
+    for key in ("attention_to_k_variance", "attention_to_k_scale_control", "attention_to_k_shift_control"):
         assert metrics[key][0] == pytest.approx(metrics["attention_received_baseline"][k], abs=1e-5)
 
 
