@@ -124,7 +124,7 @@ def seed_study():
 
 
 @pytest.mark.claims_long
-@claim_not_held("measured here (5 seeds, 2000 steps): head-wise minus baseline +0.022 nats [-0.022, +0.065] at the "
+@claim_not_held("measured in an earlier session (5 seeds, 2000 steps): head-wise minus baseline +0.022 nats [-0.022, +0.065] at the "
                 "end, +0.040 [-0.031, +0.112] at step 1000: not distinguishable")
 def test_claim_headwise_ends_lower_paired_over_seeds(seed_study):
     d = seed_study["seed_study"]["by_variant"]["headwise"]["minus_baseline_final"]
@@ -132,7 +132,7 @@ def test_claim_headwise_ends_lower_paired_over_seeds(seed_study):
 
 
 @pytest.mark.claims_long
-@claim_not_held("measured here (5 seeds): +0.040 nats [-0.031, +0.112] at step 1000")
+@claim_not_held("measured in an earlier session (5 seeds): +0.040 nats [-0.031, +0.112] at step 1000")
 def test_claim_headwise_converges_faster_paired_over_seeds(seed_study):
     d = seed_study["seed_study"]["by_variant"]["headwise"]["minus_baseline_mid"]
     assert d["high"] < 0, f"head-wise minus baseline at mid-training: {d}"
