@@ -240,8 +240,8 @@ def main(argv=None) -> dict:
     readings, neuron_at_k, dominance_at_k, rms_ratio_at_k = [], {}, {}, {}
     for layers, where in wheres.items():
         for mu_over in MU_OVER:
-            main = (where, mu_over) == (main_where, "windows")
-            lambdas = LAMBDAS if main else LAMBDAS[-1:]  # the other readings at the largest lambda only (CPU time)
+            is_main = (where, mu_over) == (main_where, "windows")
+            lambdas = LAMBDAS if is_main else LAMBDAS[-1:]  # the other readings at the largest lambda only (CPU time)
             affected = range(layers[0] + 1, n_layer)  # the layers whose keys at k the edit reaches
             for arm, edit in ARMS.items():
                 attention = []
@@ -249,7 +249,7 @@ def main(argv=None) -> dict:
                     edits = {f"blocks.{i}.attn.hook_head_out": partial(edit, k=k, lam=lam, mu_over=mu_over) for i in layers}
                     cache = record(model, x, names, edit=edits)
                     attention.append(float(attention_received_in(cache, affected)[k]))
-                    if main:  # the referee's controls: the super neuron, the dominance and the RMS at k
+                    if is_main:  # the referee's controls: the super neuron, the dominance and the RMS at k
                         resid = cache[last_input]  # (N, T, C): the stream entering the last layer
                         neuron_at_k.setdefault(arm, []).append(float(cache[neuron_hook][:, k, neuron["unit"]].mean()))
                         dominance_at_k.setdefault(arm, []).append(float(dominance_ratio(resid[:, k]).mean()))

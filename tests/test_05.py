@@ -124,8 +124,8 @@ def seed_study():
 
 
 @pytest.mark.claims_long
-@claim_not_held("measured in an earlier session (5 seeds, 2000 steps): head-wise minus baseline +0.022 nats [-0.022, +0.065] at the "
-                "end, +0.040 [-0.031, +0.112] at step 1000: not distinguishable")
+@claim_not_held("measured in an earlier session (5 seeds, 2000 steps): head-wise minus baseline +0.022 nats "
+                "[-0.022, +0.065] at the end, +0.040 [-0.031, +0.112] at step 1000: not distinguishable")
 def test_claim_headwise_ends_lower_paired_over_seeds(seed_study):
     d = seed_study["seed_study"]["by_variant"]["headwise"]["minus_baseline_final"]
     assert d["high"] < 0, f"head-wise minus baseline at the end: {d}"
