@@ -94,7 +94,8 @@ def the_sink_follows_the_norm_spike(seed):
 def a_super_neuron_fires_10x_on_token_0(seed):
     best = max(scripts(seed)["02_super_neurons"]["super_neurons"], key=lambda s: s["token0_activation_ratio"])
     return (best["token0_activation_ratio"] >= 10,
-            f"the top unit by row norms (layer {best['layer']} unit {best['unit']}) fires {best['token0_activation_ratio']:.1f}x")
+            f"the strongest of 02's super neurons (layer {best['layer']} unit {best['unit']}) fires "
+            f"{best['token0_activation_ratio']:.1f}x")
 
 
 def a_massive_activation_on_token_0(seed):
@@ -130,8 +131,9 @@ def the_mask_makes_it_fire_at_k_5x(seed):
 def the_mask_moves_the_sink_to_k(seed):
     m = scripts(seed)["04_interventions"]
     k = m["k"]
-    return m["mask_peak_moved_to_k"], (f"peak of attention received under the mask at {m['mask_peak']}; k = {k} receives "
-                                       f"{m['attention_received_masked'][k]:.3f} ({m['attention_received_baseline'][k]:.3f} unmasked)")
+    received, unmasked = m["attention_received_masked"][k], m["attention_received_baseline"][k]
+    return m["mask_peak_moved_to_k"], (f"peak of attention received under the mask at {m['mask_peak']}; k = {k} "
+                                       f"receives {received:.3f} ({unmasked:.3f} unmasked)")
 
 
 def amplification_makes_a_sink(seed):
