@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-from cli import pick_device
+from cli import pick_device, record
 from conftest import CLAIMS_SEED, ROOT, claim_not_held, load_script
 from data import ByteData, load_corpus
 from measures import SINK_THRESHOLD, massive_activation_ratio
@@ -25,7 +25,7 @@ OUT = os.path.join(ROOT, "out")
 SEEDS = (0, 1, 2)
 SCRIPTS = ("01_variance", "02_super_neurons", "03_dimension_disparity", "04_interventions")
 FIXES = ("headwise", "sigmoid")
-_measured = {}  # (what, seed) -> metrics, so that each script runs once per seed in a test session
+_measured = {}  # ("scripts", seed) or ("fixes", variant, n_seeds) -> metrics: each runs once per test session
 
 
 def out_dir(seed):
@@ -55,8 +55,7 @@ def massive_ratio_by_layer(seed):
     model, _ = trained_model("cpu", "softmax", seed, data, pick_device(), out_dir(seed))  # the scripts' device
     x, _ = data.windows("val", 64, train_cfg.bos, torch.Generator().manual_seed(seed))  # the scripts' windows
     names = [f"blocks.{i}.hook_resid_in" for i in range(1, model_cfg.n_layer)] + ["hook_resid_final"]
-    with torch.no_grad(), model.eval().hooks(record=names) as cache:
-        model(x.to(pick_device()))
+    cache = record(model.eval(), x.to(pick_device()), names)  # {name: (N, T, C)}
     return [float(massive_activation_ratio(cache[n][:, 0]).mean() / massive_activation_ratio(cache[n][:, 1:]).mean())
             for n in names]
 
