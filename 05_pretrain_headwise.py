@@ -87,12 +87,14 @@ from cli import N_WINDOWS, print_table, record, run_script, save_figure, script_
 from measures import (SINK_THRESHOLD, attention_entropy_by_head, first_token_attention, interval_verdict,
                       mean_effective_rank, paired_interval, sink_rate, token0_dominance_by_window, variance_by_position)
 from model import ATTENTION_VARIANTS, GPT, InputError
-from training import autocast, checkpoint_path, close_distributed, init_distributed, profile_configs, trained_model
+from training import ARMS, autocast, checkpoint_path, close_distributed, init_distributed, profile_configs, trained_model
 
 DEFAULT_PROFILE = "cpu_bos"  # on the CPU: the recipe with a BOS sink for the fixes to remove (README, 05)
 AGGREGATION_LAYER = 0  # the layer whose aggregation output Fig. 23 shows
-LABELS = {"softmax": "baseline (softmax)", "sigmoid": "sigmoid", "headwise": "head-wise RMSNorm", "gated": "gated"}
-COLORS = {"softmax": "tab:red", "sigmoid": "tab:green", "headwise": "tab:blue", "gated": "tab:purple"}
+LABELS = {"softmax": "baseline (softmax)", "sigmoid": "sigmoid", "headwise": "head-wise RMSNorm", "gated": "gated",
+          "headwise_nodecay": "head-wise, gain not decayed", "headwise_ones": "head-wise, gain of ones"}
+COLORS = {"softmax": "tab:red", "sigmoid": "tab:green", "headwise": "tab:blue", "gated": "tab:purple",
+          "headwise_nodecay": "tab:cyan", "headwise_ones": "tab:olive"}
 
 
 # ----------------------------------------------------------------------------- measures
@@ -245,13 +247,12 @@ def plot_head_entropy(entropy, variance, uniform_entropy, path):
 
 def parse_variants(text):
     variants = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in ATTENTION_VARIANTS]
+    unknown = [v for v in variants if v not in ARMS]
     if unknown:
-        raise InputError(f"unknown variant(s) {', '.join(unknown)} in --variants; "
-                         f"valid: {', '.join(ATTENTION_VARIANTS)}")
+        raise InputError(f"unknown variant(s) {', '.join(unknown)} in --variants; valid: {', '.join(ARMS)}")
     if "softmax" not in variants:
         raise InputError("--variants must include softmax: the baseline every comparison is made against")
-    return [v for v in ATTENTION_VARIANTS if v in variants]  # the usual order, each once
+    return [v for v in ARMS if v in variants]  # the usual order, each once
 
 
 def mean_std_text(values):
@@ -320,7 +321,8 @@ def print_claims(metrics, variants):
 def main(argv=None) -> dict:
     parser = script_parser(__doc__, cpu_profile=DEFAULT_PROFILE, pretrained=False)
     parser.add_argument("--variants", default=",".join(ATTENTION_VARIANTS),
-                        help=f"comma-separated, softmax included (default: {','.join(ATTENTION_VARIANTS)})")
+                        help=f"comma-separated, softmax included, of {', '.join(ARMS)} "
+                             f"(default: {','.join(ATTENTION_VARIANTS)})")
     parser.add_argument("--seeds", type=int, default=None,
                         help="seeds per variant: --seed, --seed + 1, ... (default: 3 on the gpu profile, else 1)")
     parser.add_argument("--steps", type=int, default=None,

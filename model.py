@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ATTENTION_VARIANTS = ("softmax", "sigmoid", "headwise", "gated")
+HEAD_NORM_INITS = ("calibrated", "ones")
 
 
 class InputError(ValueError):
@@ -41,12 +42,15 @@ class GPTConfig:
     n_kv_head: int = 0  # 0: n_head; fewer: grouped-query attention, one key/value head per group of query heads
     tie_embeddings: bool = False  # lm_head scores tokens with tok_emb's own matrix (SmolLM2 does)
     norm_eps: float = 1e-6  # RMSNorm's eps
+    head_norm_init: str = "calibrated"  # head-wise RMSNorm's initial gain: "calibrated" (the authors') or "ones"
 
     def __post_init__(self):
         if self.attn not in ATTENTION_VARIANTS:
             raise InputError(f"unknown attention variant {self.attn!r}; valid: {', '.join(ATTENTION_VARIANTS)}")
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
             raise InputError(f"n_embd={self.n_embd} must split into {self.n_head} heads of even size")
+        if self.head_norm_init not in HEAD_NORM_INITS:
+            raise InputError(f"unknown head_norm_init {self.head_norm_init!r}; valid: {', '.join(HEAD_NORM_INITS)}")
         self.n_kv_head = self.n_kv_head or self.n_head
         if self.n_head % self.n_kv_head:
             raise InputError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
@@ -113,7 +117,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, config.n_embd + 2 * self.kv_dim, bias=False)  # rows: W_Q, W_K, W_V
         self.wo = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.wo.is_residual_projection = True
-        if self.variant == "headwise":  # one learnable gain per head and dimension
+        if self.variant == "headwise":  # one learnable gain per head and dimension; GPT calibrates it (below)
             self.head_norm_gain = nn.Parameter(torch.ones(config.n_head, 1, self.head_dim))
         if self.variant == "gated":
             self.gate = nn.Linear(config.n_embd, config.n_embd, bias=False)
@@ -150,6 +154,22 @@ class CausalSelfAttention(nn.Module):
             y = y * torch.sigmoid(self.gate(x)).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         y = self.hook_head_out_post(y).transpose(1, 2).reshape(B, T, C)  # heads side by side
         return self.hook_out(self.wo(y))
+
+
+@torch.no_grad()
+def calibrate_head_norm_gain(attn):
+    """Head-wise RMSNorm's initial gain as the paper's authors set it (their init_headnorm_stats):
+    on one standard-normal input x_0, token 0 attends only to itself, so head h's output is its
+    value v_{0,h} = (W_V x_0)_h, and
+
+        g_{h,d} = std_d (W_V x_0)_{h,d}     (the same for every d; population std over head_dim)
+
+    so the normalised output starts at the scale token 0's output has, instead of RMS 1."""
+    w_v = attn.qkv.weight[-attn.kv_dim:]  # (kv_dim, C): W_V, the last rows of qkv
+    x0 = torch.randn(w_v.shape[1], device=w_v.device, dtype=w_v.dtype)  # (C,)
+    v0 = (w_v @ x0).view(-1, attn.head_dim)  # (n_kv_head, hd)
+    v0 = v0.repeat_interleave(attn.n_head // v0.shape[0], dim=0)  # (H, hd): grouped-query heads share a value
+    attn.head_norm_gain.copy_(v0.std(dim=-1, correction=0).view(-1, 1, 1).expand_as(attn.head_norm_gain))
 
 
 class SwiGLU(nn.Module):
@@ -204,6 +224,9 @@ class GPT(nn.Module):
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 std = 0.02 / math.sqrt(2 * config.n_layer) if getattr(module, "is_residual_projection", False) else 0.02
                 nn.init.normal_(module.weight, mean=0.0, std=std)
+        if config.attn == "headwise" and config.head_norm_init == "calibrated":
+            for block in self.blocks:  # after the weights: one random input per block (the authors' order)
+                calibrate_head_norm_gain(block.attn)
 
     def forward(self, idx, targets=None):  # idx (B, T) token ids
         T = idx.shape[1]

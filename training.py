@@ -3,6 +3,7 @@ Training: the named profiles (a model shape and its recipe), AdamW with warmup a
 training loop with its progress bar and validation, and the checkpoint cache in out/checkpoints.
 """
 import contextlib
+import gc
 import hashlib
 import json
 import math
@@ -30,6 +31,7 @@ class TrainConfig:
     warmup_steps: int = 50
     schedule: str = "cosine"  # or "constant" after warmup
     weight_decay: float = 0.1  # on matrices and embeddings; never on RMSNorm gains
+    head_norm_gain_decay: bool = True  # also decay head-wise RMSNorm's gain (the authors' optimizer does)
     grad_clip: float = 1.0
     bos: bool = True  # every window starts with the BOS token
     repeat_prob: float = 0.0  # share of training windows with a copied span (see repeat_span)
@@ -65,18 +67,34 @@ PROFILES = {
 }
 
 
-def profile_configs(profile, attn="softmax", seed=0, steps=None):
-    """(GPTConfig, TrainConfig) of a profile; steps: a shorter (or longer) budget than the profile's,
-    evaluated 10 times along the way (05's seed study)."""
+# The arms a profile trains (05): the four attention variants, and two ablations of head-wise
+# RMSNorm, each (model settings, training settings). "headwise" is the authors' method: the gain
+# calibrated at init (model.calibrate_head_norm_gain) and weight-decayed; "headwise_nodecay" keeps
+# the calibration without the decay, "headwise_ones" is this project's earlier gain of ones, not decayed.
+ARMS = {
+    "softmax": (dict(attn="softmax"), {}),
+    "sigmoid": (dict(attn="sigmoid"), {}),
+    "headwise": (dict(attn="headwise"), {}),
+    "gated": (dict(attn="gated"), {}),
+    "headwise_nodecay": (dict(attn="headwise"), dict(head_norm_gain_decay=False)),
+    "headwise_ones": (dict(attn="headwise", head_norm_init="ones"), dict(head_norm_gain_decay=False)),
+}
+
+
+def profile_configs(profile, arm="softmax", seed=0, steps=None):
+    """(GPTConfig, TrainConfig) of a profile and arm (see ARMS); steps: a shorter (or longer) budget
+    than the profile's, evaluated 10 times along the way (05's seed study)."""
     if profile not in PROFILES:
         raise InputError(f"unknown profile {profile!r}; valid: {', '.join(PROFILES)}")
+    if arm not in ARMS:
+        raise InputError(f"unknown variant {arm!r}; valid: {', '.join(ARMS)}")
     if steps is not None and steps < 10:
         raise InputError(f"--steps {steps}: train at least 10 steps")
-    p = PROFILES[profile]
-    train_cfg = TrainConfig(seed=seed, **p["train"])
+    p, (model_settings, train_settings) = PROFILES[profile], ARMS[arm]
+    train_cfg = TrainConfig(seed=seed, **{**p["train"], **train_settings})
     if steps is not None:
         train_cfg = replace(train_cfg, steps=steps, eval_interval=steps // 10)
-    return GPTConfig(attn=attn, **p["model"]), train_cfg
+    return GPTConfig(**{**p["model"], **model_settings}), train_cfg
 
 
 def learning_rate(step, cfg):
@@ -89,9 +107,26 @@ def learning_rate(step, cfg):
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def autocast(device):
-    """bf16 autocast on CUDA; float32 everywhere else."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def device_precision(device):
+    """The training precision a device gets: bf16 autocast on CUDA with compute capability 8.0 or more
+    (A100, H100, RTX 30xx and later); fp16 autocast, with a GradScaler, below it (T4, V100: no bf16
+    tensor cores there, and PyTorch's flash and memory-efficient attention refuse bf16); float32 on
+    the CPU and on MPS."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
+
+
+def autocast(device, precision=None):
+    """The autocast context of a precision (default: the device's own); fp32: none."""
+    device, precision = torch.device(device), precision or device_precision(device)
+    if AMP_DTYPES[precision] is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AMP_DTYPES[precision])
 
 
 @torch.no_grad()
@@ -105,15 +140,16 @@ def evaluate(model, x, y, batch_size=64):
     return float(np.mean(losses))
 
 
-def norm_gains(model):
-    """The gains of every normalisation: RMSNorm weights and head-wise RMSNorm's per-head gains."""
-    return [p for name, p in model.named_parameters() if name.endswith("norm.weight") or name.endswith("head_norm_gain")]
+def norm_gains(model, head_norm_gain=True):
+    """The gains of every normalisation: RMSNorm weights and (unless head_norm_gain=False) head-wise RMSNorm's."""
+    return [p for name, p in model.named_parameters()
+            if name.endswith("norm.weight") or (head_norm_gain and name.endswith("head_norm_gain"))]
 
 
-def parameter_groups(model, weight_decay):
-    """AdamW groups: matrices and embeddings decay; norm gains never do, whatever their shape
-    (head-wise RMSNorm's gain is (H, 1, hd), yet a gain like RMSNorm's)."""
-    gains = {id(p) for p in norm_gains(model)}
+def parameter_groups(model, weight_decay, head_norm_gain_decay=False):
+    """AdamW groups: matrices and embeddings decay; RMSNorm gains never do; head-wise RMSNorm's gain
+    (H, 1, hd) decays only with head_norm_gain_decay (the authors decay every parameter of 2 or more dims)."""
+    gains = {id(p) for p in norm_gains(model, head_norm_gain=not head_norm_gain_decay)}
     return [{"params": [p for p in model.parameters() if id(p) not in gains], "weight_decay": weight_decay},
             {"params": [p for p in model.parameters() if id(p) in gains], "weight_decay": 0.0}]
 
@@ -168,55 +204,200 @@ def batch_generator(seed, rank=0):
     return torch.Generator().manual_seed(seed + 1_000_003 * rank)  # a prime apart: no two (seed, rank) collide
 
 
-def mean_over_processes(value):
-    """A scalar tensor's mean over every process, on every process (a float)."""
-    value = value.detach().clone()
-    dist.all_reduce(value)  # a sum: gloo has no average
-    return value.item() / world_size()
+def mean_over_processes(values):
+    """A tensor's elementwise mean over every process, on every process."""
+    values = values.clone()
+    dist.all_reduce(values)  # a sum: gloo has no average
+    return values / world_size()
+
+
+def broadcast_from_main(value):
+    """Rank 0's value (any picklable object), on every process."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ----------------------------------------------------------------------------- one step, in micro-batches
+
+def accumulate_gradients(net, x, y, micro_batch, precision="fp32", scaler=None):
+    """Forward and backward the batch (x, y) (B, T) as micro-batches of at most micro_batch windows.
+    Each micro-batch's mean loss is weighted by its share of the batch, so that the gradients add up
+    to those of the whole batch's mean loss; one micro-batch is the plain step, to the bit.
+    Under DDP the gradients are averaged over processes once, in the last micro-batch's backward.
+    Returns the batch's mean loss: a 0-dim tensor left on the device (reading it would wait for it)."""
+    starts = range(0, len(x), micro_batch)
+    total = torch.zeros((), device=x.device)
+    for i, start in enumerate(starts):
+        xs, ys = x[start:start + micro_batch], y[start:start + micro_batch]
+        skip_sync = isinstance(net, DistributedDataParallel) and i < len(starts) - 1
+        with net.no_sync() if skip_sync else contextlib.nullcontext():
+            with autocast(x.device, precision):
+                _, loss = net(xs, ys)
+            loss = loss * (len(xs) / len(x))
+            (loss if scaler is None else scaler.scale(loss)).backward()
+        total += loss.detach()
+    return total
+
+
+def largest_micro_batch(try_step, batch_size, free_memory):
+    """The largest micro-batch, from batch_size halving down to 1, for which try_step(size) runs
+    without torch.cuda.OutOfMemoryError; free_memory() runs after each one that did not fit.
+    None if not even one window fits."""
+    size = batch_size
+    while size >= 1:
+        try:
+            try_step(size)
+            return size
+        except torch.cuda.OutOfMemoryError:
+            pass  # free outside the except block: its traceback holds the failed step's tensors
+        free_memory()
+        size //= 2
+    return None
+
+
+def free_cuda_memory():
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gib(n_bytes):
+    return n_bytes / 2**30
+
+
+@dataclass
+class StepPlan:
+    """How this device runs a training step, found and timed before training starts."""
+    device: str  # its name
+    precision: str  # bf16 | fp16 | fp32 (device_precision)
+    micro_batch: int
+    accumulation: int  # micro-batches per step, on each process
+    peak_memory_gib: float  # the probe's peak, on CUDA; NaN elsewhere
+    tokens_per_s: float  # of one process
+
+    def minutes(self, cfg, block_size):
+        """The estimated training time: cfg.steps steps of the global batch, at the measured speed."""
+        return cfg.steps * cfg.batch_size * block_size / (self.tokens_per_s * world_size()) / 60
+
+    def describe(self, cfg, block_size):
+        memory = "" if math.isnan(self.peak_memory_gib) else f", peak memory {self.peak_memory_gib:.1f} GiB"
+        processes = f" on each of {world_size()} processes" if world_size() > 1 else ""
+        return (f"{self.device}, {self.precision}, micro-batch {self.micro_batch} x {self.accumulation} accumulation"
+                f"{processes}{memory}, {self.tokens_per_s:,.0f} tokens/s measured: about "
+                f"{self.minutes(cfg, block_size):.1f} min for {cfg.steps} steps (an estimate)")
+
+
+def plan_training(model, data, cfg, micro_batch=None):
+    """Find this device's micro-batch and time one step, on a probe batch (not the training stream,
+    and the model's weights are left as they were). micro_batch: set by hand (any device); by default
+    the largest that fits on CUDA (largest_micro_batch), else the whole batch."""
+    device = next(model.parameters()).device
+    precision, batch = device_precision(device), local_batch_size(cfg.batch_size, world_size())
+    if micro_batch is not None and micro_batch < 1:
+        raise InputError(f"--micro_batch {micro_batch}: give at least 1 window")
+    x, y = data.windows("train", batch, cfg.bos, torch.Generator().manual_seed(0))
+    x, y = x.to(device), y.to(device)
+
+    def timed_step(size):  # forward and backward of one micro-batch -> seconds
+        synchronize(device)
+        start = time.perf_counter()
+        accumulate_gradients(model, x[:size], y[:size], size, precision)
+        synchronize(device)
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    if micro_batch is not None:
+        size = min(micro_batch, batch)
+    elif device.type == "cuda":
+        size = largest_micro_batch(timed_step, batch, free_cuda_memory)
+        if size is None:
+            total, state = torch.cuda.get_device_properties(device).total_memory, 16 * sum(p.numel() for p in model.parameters())
+            raise InputError(f"one window of {data.block_size} tokens does not fit on {torch.cuda.get_device_name(device)} "
+                             f"({gib(total):.1f} GiB): the weights, gradients and AdamW state alone take {gib(state):.2f} GiB, "
+                             f"plus one window's activations; try a smaller --profile")
+    else:
+        size = batch
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timed_step(size)  # a warm-up
+    seconds = timed_step(size)
+    peak = gib(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else float("nan")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return StepPlan(name, precision, size, math.ceil(batch / size), peak, size * data.block_size / seconds)
+
+
+def to_device(t, device):
+    """A CPU tensor on the device; to CUDA from pinned memory, without waiting for the copy."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
+def checked_losses(losses, first_step):
+    """The losses of consecutive steps (0-dim tensors on the device) as floats, read in one host sync
+    (under torchrun: the global batch's, the same on every rank, so that a NaN stops all of them)."""
+    values = torch.stack(losses).float()
+    values = (values if world_size() == 1 else mean_over_processes(values)).tolist()
+    bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+    if bad is not None:
+        raise FloatingPointError(f"training stopped: loss is {values[bad]} at step {first_step + bad}; try a lower learning rate")
+    return values
 
 
 # ----------------------------------------------------------------------------- training
 
-def train(model, data, cfg, desc="train", after_backward=None):
+CHECK_EVERY = 50  # steps between reads of the loss (each read waits for the device)
+
+
+def train(model, data, cfg, desc="train", after_backward=None, micro_batch=None):
     """Train in place; returns the history {"step", "train_loss", "val_step", "val_loss"}.
-    Under torchrun, each process trains on its share of cfg.batch_size (the global batch) and DDP
-    averages the gradients; rank 0 alone evaluates (elsewhere val_step and val_loss stay empty).
+    First it finds and prints how this device runs a step (plan_training). Under torchrun, each
+    process trains on its share of cfg.batch_size (the global batch) and DDP averages the gradients;
+    rank 0 alone evaluates (elsewhere val_step and val_loss stay empty).
     after_backward(step, model): optional, called with the gradients in place (the tests look)."""
     device, n_processes, main = next(model.parameters()).device, world_size(), is_main_process()
-    batch_size = local_batch_size(cfg.batch_size, n_processes)
+    plan, batch_size = plan_training(model, data, cfg, micro_batch), local_batch_size(cfg.batch_size, n_processes)
+    if main:
+        print(f"{desc}: {plan.describe(cfg, data.block_size)}")
     # DDP starts every rank from rank 0's weights and averages the gradients in backward; we
     # evaluate and save `model`, its module. Alone, `net` is `model` and nothing changes.
-    net = model if n_processes == 1 else DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+    net = model if n_processes == 1 else DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)  # buffers: RoPE tables
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay, cfg.head_norm_gain_decay), lr=cfg.lr,
+                                  betas=(0.9, 0.95), **({"fused": True} if device.type == "cuda" else {}))
+    scaler = torch.amp.GradScaler(device.type, enabled=plan.precision == "fp16")  # fp16 gradients underflow unscaled
     batches = batch_generator(cfg.seed, rank())  # the data order depends only on the seed (and rank)
     val_x, val_y = data.windows("val", cfg.eval_windows, cfg.bos, torch.Generator().manual_seed(1234))
     history = {"step": [], "train_loss": [], "val_step": [], "val_loss": []}
-    tokens_per_step, start = cfg.batch_size * data.block_size, time.time()
+    unread, start = [], time.time()  # losses not yet read from the device
     bar = tqdm(range(cfg.steps), desc=desc, dynamic_ncols=True, mininterval=1.0, disable=not main)
     for step in bar:
         if step % cfg.eval_interval == 0 and main:
             history["val_step"].append(step)
             history["val_loss"].append(evaluate(model, val_x, val_y))
-        x, y = data.windows("train", batch_size, cfg.bos, batches, cfg.repeat_prob, cfg.random_prob)
+        x, y = data.windows("train", batch_size, cfg.bos,
+                            batches, cfg.repeat_prob, cfg.random_prob)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)
-        with autocast(device):
-            _, loss = net(x.to(device), y.to(device))
-        # the global batch's loss, the same on every rank, so that a NaN stops all of them at once
-        loss_value = loss.item() if n_processes == 1 else mean_over_processes(loss)
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"training stopped: loss is {loss_value} at step {step}; try a lower learning rate")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        unread.append(accumulate_gradients(net, to_device(x, device), to_device(y, device), plan.micro_batch,
+                                           plan.precision, scaler))
         if after_backward is not None:
             after_backward(step, model)
+        scaler.unscale_(optimizer)  # clip the true gradients
         torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         history["step"].append(step)
-        history["train_loss"].append(loss_value)
-        if main:
-            bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{history['val_loss'][-1]:.3f}",
-                            tok_s=f"{tokens_per_step * (step + 1) / (time.time() - start):.0f}")
+        if len(unread) == CHECK_EVERY or step == cfg.steps - 1:
+            history["train_loss"] += checked_losses(unread, step + 1 - len(unread))
+            unread = []
+            if main:
+                bar.set_postfix(loss=f"{history['train_loss'][-1]:.3f}", val=f"{history['val_loss'][-1]:.3f}",
+                                tok_s=f"{cfg.batch_size * data.block_size * (step + 1) / (time.time() - start):.0f}")
     if main:
         history["val_step"].append(cfg.steps)
         history["val_loss"].append(evaluate(model, val_x, val_y))
@@ -261,36 +442,45 @@ def training_environment(device):
     Not keyed: the code itself (edit model.py, data.py or the training loop and you must delete
     out/checkpoints yourself), nor the exact GPU or CPU."""
     device = torch.device(device)
-    environment = {"torch": str(torch.__version__), "device": device.type, "precision": "bf16" if device.type == "cuda" else "fp32"}
+    environment = {"torch": str(torch.__version__), "device": device.type, "precision": device_precision(device)}
     if world_size() > 1:  # only then: a single process keeps the keys of the checkpoints cached before torchrun
         environment["world_size"] = world_size()
     return environment
 
 
-def checkpoint_path(profile, attn, seed, data, device, out_dir, steps=None):
+def checkpoint_path(profile, arm, seed, data, device, out_dir, steps=None):
     """(path, expect): where the cache keeps this model, and what its file must hold."""
-    model_cfg, train_cfg = profile_configs(profile, attn, seed, steps)
+    model_cfg, train_cfg = profile_configs(profile, arm, seed, steps)
     expect = {"model_config": asdict(model_cfg), "train_config": asdict(train_cfg), "data": data.fingerprint,
               "environment": training_environment(device)}
     key = hashlib.sha1(json.dumps(expect, sort_keys=True).encode()).hexdigest()[:10]
-    return os.path.join(out_dir, "checkpoints", f"{profile}-{attn}-seed{seed}-{key}.pt"), expect
+    # named by the variant, keyed by the settings: two names of one arm share one file
+    return os.path.join(out_dir, "checkpoints", f"{profile}-{model_cfg.attn}-seed{seed}-{key}.pt"), expect
 
 
-def trained_model(profile, attn="softmax", seed=0, data=None, device="cpu", out_dir="out", steps=None):
-    """The model of this profile, variant and seed: from the cache in out_dir/checkpoints, or trained now."""
-    model_cfg, train_cfg = profile_configs(profile, attn, seed, steps)
+def trained_model(profile, arm="softmax", seed=0, data=None, device="cpu", out_dir="out", steps=None, micro_batch=None):
+    """The model of this profile, arm (ARMS) and seed: from the cache in out_dir/checkpoints, or trained now
+    (micro_batch: see plan_training; it changes the result only within float tolerance, so it is not keyed)."""
+    model_cfg, train_cfg = profile_configs(profile, arm, seed, steps)
     data = data if data is not None else ByteData(load_corpus(corpus=train_cfg.corpus), model_cfg.block_size, train_cfg.corpus)
-    path, expect = checkpoint_path(profile, attn, seed, data, device, out_dir, steps)
+    path, expect = checkpoint_path(profile, arm, seed, data, device, out_dir, steps)
     if os.path.exists(path):
         return load_checkpoint(path, device, expect)
     torch.manual_seed(seed)
     model = GPT(model_cfg).to(device)
-    history = train(model, data, train_cfg, desc=f"{profile}/{attn}/seed {seed}")
+    history = train(model, data, train_cfg, desc=f"{profile}/{arm}/seed {seed}", micro_batch=micro_batch)
+    failure = None
     if is_main_process():
-        save_checkpoint(path, model, train_cfg, history, data.fingerprint, expect["environment"])
+        try:
+            save_checkpoint(path, model, train_cfg, history, data.fingerprint, expect["environment"])
+        except OSError as e:
+            failure = f"cannot save the checkpoint {path}: {e.strerror or e}"
+    if world_size() > 1:  # every rank learns whether rank 0 saved, rather than wait for a file that never comes
+        failure = broadcast_from_main(failure)
+    if failure is not None:
+        raise InputError(failure)
     if world_size() == 1:
         return model, history
-    # Rank 0 alone evaluated and saved; the others wait for its file and load it, so every rank
-    # returns the same weights (DDP kept them equal anyway) and rank 0's full history.
-    dist.barrier()
+    # Rank 0 alone evaluated and saved; the others load its file, so every rank returns the same
+    # weights (DDP kept them equal anyway) and rank 0's full history.
     return (model, history) if is_main_process() else load_checkpoint(path, device, expect)

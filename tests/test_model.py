@@ -128,8 +128,10 @@ def test_headwise_norm_gives_rms_one_before_the_gain(tiny_config):
     with model.hooks(record="blocks.0.attn.hook_head_out*") as cache:
         model(torch.randint(256, (2, 16)))
     rms = cache["blocks.0.attn.hook_head_out_post"].pow(2).mean(-1).sqrt()  # (B, H, T)
-    assert_close(rms, torch.ones_like(rms), rtol=0, atol=1e-3)  # up to eps / mean(o^2)
-    raw_rms = cache["blocks.0.attn.hook_head_out"].pow(2).mean(-1).sqrt()
+    raw_mean_square = cache["blocks.0.attn.hook_head_out"].pow(2).mean(-1)
+    eps = torch.finfo(torch.float32).eps  # rms_normalize's: o / sqrt(mean(o^2) + eps) has RMS sqrt(ms / (ms + eps))
+    assert_close(rms, (raw_mean_square / (raw_mean_square + eps)).sqrt(), rtol=0, atol=1e-5)
+    raw_rms = raw_mean_square.sqrt()
     assert (raw_rms - 1).abs().max() > 0.5  # the normalisation did something
 
 
@@ -266,18 +268,21 @@ def test_non_finite_loss_stops_training(tmp_path, tiny_config):
         train(model, ByteData(load_corpus(str(path)), 16), TrainConfig(steps=5, eval_interval=10, eval_windows=4))
 
 
-def test_norm_gains_are_never_weight_decayed(tmp_path, tiny_config, monkeypatch):
-    """Head-wise RMSNorm's gain is (H, 1, hd): a gain all the same, so no decay, like RMSNorm's."""
+@pytest.mark.parametrize("head_norm_gain_decay", [True, False])
+def test_only_head_norm_gain_decay_decays_a_norm_gain(tmp_path, tiny_config, monkeypatch, head_norm_gain_decay):
+    """RMSNorm's gains never decay; head-wise RMSNorm's (H, 1, hd) gain decays only with head_norm_gain_decay
+    (the authors' optimizer decays every parameter of 2 or more dimensions)."""
     groups, adamw = [], torch.optim.AdamW
     monkeypatch.setattr(torch.optim, "AdamW", lambda params, **kw: groups.extend(params) or adamw(params, **kw))
     model = variant(tiny_config, "headwise")
     path = tmp_path / "text.txt"
     path.write_text("norm gains " * 200)
-    train(model, ByteData(load_corpus(str(path)), 16), TrainConfig(steps=1, weight_decay=0.1, eval_windows=4))
+    train(model, ByteData(load_corpus(str(path)), 16),
+          TrainConfig(steps=1, weight_decay=0.1, eval_windows=4, head_norm_gain_decay=head_norm_gain_decay))
     decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     for name, p in model.named_parameters():
-        is_gain = name.endswith("norm.weight") or name.endswith("head_norm_gain")
-        assert decay_of[id(p)] == (0.0 if is_gain else 0.1), name
+        no_decay = name.endswith("norm.weight") or (name.endswith("head_norm_gain") and not head_norm_gain_decay)
+        assert decay_of[id(p)] == (0.0 if no_decay else 0.1), name
 
 
 def test_edit_accepts_glob_patterns_like_record(tiny_config):
