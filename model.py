@@ -131,6 +131,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split((C, self.kv_dim, self.kv_dim), dim=-1)  # (B, T, C), (B, T, kv), (B, T, kv)
         q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # the compute dtype: fp32 tables would promote q and k (bf16 on a GPU)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if k.shape[1] < self.n_head:  # grouped-query attention: key/value head j serves query heads j*g .. j*g + g-1
             k, v = (t.repeat_interleave(self.n_head // t.shape[1], dim=1) for t in (k, v))  # (B, H, T, hd)
@@ -139,12 +140,13 @@ class CausalSelfAttention(nn.Module):
         if explicit:  # the path that exposes the attention weights
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # made per call: no (block, block) buffer
             allowed = causal if self.custom_mask is None else self.custom_mask[:T, :T]
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, T)
+            # (B, H, T, T) in float32 whatever the compute dtype: in bf16, b would be rounded and rows sum to 1 +- 2e-3
+            scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(self.head_dim)
             if self.variant == "sigmoid":  # A = sigmoid(q.k / sqrt(d) + b), rows not normalised
                 weights = torch.sigmoid(scores + self.sigmoid_bias).masked_fill(~allowed, 0.0)
             else:
                 weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
-            y = self.hook_pattern(weights) @ v  # (B, H, T, hd)
+            y = self.hook_pattern(weights).to(v.dtype) @ v  # (B, H, T, hd)
         else:  # fast path, same numbers
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)
         y = self.hook_head_out(y)  # o_{t,h}: each head's value aggregation

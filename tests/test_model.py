@@ -121,6 +121,30 @@ def test_mask_in_chosen_layers_only(tiny_config):
     assert cache["blocks.1.attn.hook_pattern"][:, :, 5, :5].sum() == 0
 
 
+@pytest.mark.parametrize("n_kv_head", [0, 1])  # 0: one key/value head per query head; 1: grouped-query attention
+def test_headwise_gain_is_token0s_output_scale_on_a_random_input(tiny_config, n_kv_head):
+    """The authors' calibration, checked through the attention's own forward pass: with the same seed,
+    a model of gain ones has the same weights, and the calibration draws one standard-normal x_0 per
+    block after them. Head h's gain is the std over head_dim of head h's output at token 0 for x_0."""
+    config = dataclasses.replace(tiny_config, attn="headwise", n_kv_head=n_kv_head)
+    torch.manual_seed(3)
+    calibrated = GPT(config)
+    torch.manual_seed(3)
+    ones = GPT(dataclasses.replace(config, head_norm_init="ones"))
+    T, C = 5, config.n_embd
+    draws = [torch.randn(C) for _ in ones.blocks]  # the calibration's x_0 of each block, in its order
+    for i, (block, x0) in enumerate(zip(ones.blocks, draws)):
+        x = torch.cat([x0.view(1, 1, C), torch.randn(1, T - 1, C)], dim=1)  # later tokens cannot change token 0's output
+        with torch.no_grad(), ones.hooks(record=f"blocks.{i}.attn.hook_head_out") as cache:
+            block.attn(x, ones.rope_cos[:T], ones.rope_sin[:T])
+        token0 = cache[f"blocks.{i}.attn.hook_head_out"][0, :, 0]  # (H, hd)
+        expected = token0.std(dim=-1, correction=0)  # (H,)
+        gain = calibrated.blocks[i].attn.head_norm_gain  # (H, 1, hd)
+        assert_close(gain.detach(), expected.view(-1, 1, 1).expand_as(gain), rtol=1e-5, atol=0)
+        assert (ones.blocks[i].attn.head_norm_gain == 1).all()
+    assert gain.max() < 0.5  # far below the ones it replaces (init std 0.02: about 0.02 * sqrt(C))
+
+
 def test_headwise_norm_gives_rms_one_before_the_gain(tiny_config):
     model = variant(tiny_config, "headwise")
     with torch.no_grad():
