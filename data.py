@@ -71,7 +71,7 @@ class TokenData:
         tokens, T = (self.train if split == "train" else self.val), self.block_size
         n_text = T if bos else T + 1
         starts = torch.randint(len(tokens) - n_text + 1, (n,), generator=generator)
-        text = torch.stack([tokens[s:s + n_text] for s in starts.tolist()]).long()  # (n, n_text)
+        text = tokens[starts[:, None] + torch.arange(n_text)].long()  # (n, n_text): one gather
         if random_prob > 0:
             noise = torch.randint(256, text.shape, generator=generator)  # (n, n_text)
             text = torch.where((torch.rand(n, generator=generator) < random_prob)[:, None], noise, text)

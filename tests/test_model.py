@@ -248,6 +248,15 @@ def test_data_windows_from_a_small_file(tmp_path):
     assert (x[:, 0] == BOS).all() and (x[:, 1:] == y[:, :-1]).all() and (y < 256).all()
 
 
+def test_windows_are_the_text_slices_at_the_drawn_starts():
+    """One gather draws the same windows as slicing the text at each start, from the same generator."""
+    data = ByteData(bytes(range(256)) * 40, 16)
+    x, y = data.windows("train", 8, bos=False, generator=torch.Generator().manual_seed(4))
+    starts = torch.randint(len(data.train) - 16, (8,), generator=torch.Generator().manual_seed(4)).tolist()
+    expected = torch.stack([data.train[s:s + 17] for s in starts]).long()  # (8, T + 1)
+    assert (x == expected[:, :-1]).all() and (y == expected[:, 1:]).all()
+
+
 def test_missing_empty_and_short_files_are_clear_errors(tmp_path):
     with pytest.raises(InputError, match="not found"):
         load_corpus(str(tmp_path / "nothing.txt"))
