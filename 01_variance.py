@@ -1,5 +1,5 @@
 """
-01 - Variance discrepancy: token 0 cannot aggregate (paper §3; Fig. 1, 3, 7).
+01 - Variance discrepancy: token 0 cannot aggregate (paper §3; Fig. 1, 3, 7, 13).
 
 Claim. With a causal mask, token 0 attends only to itself, so its head output is one value
 vector, while token t averages t + 1 values. Under near-uniform attention the variance of the
@@ -8,7 +8,9 @@ random initialisation and, in the trained model, on random tokens too, so it is 
 position, not the content (Fig. 1). W_O keeps the discrepancy: its weight magnitude per input
 dimension correlates with token 0's per-dimension magnitude (Kendall tau, 0.32 in Llama-2
 layer 1), and after W_O token 0's variance is still far above the others' (Fig. 7). From the
-layer where token 0's input norm spikes, attention to token 0 jumps (Fig. 3).
+layer where token 0's input norm spikes, attention to token 0 jumps (Fig. 3). Across the heads
+of a layer, the low-entropy heads (those that park their attention) give the high-variance
+outputs (Fig. 13).
 
 What this script measures, on 64 held-out windows (16 for a pretrained model) and as many random-token windows:
   - the variance of layer 0's head outputs (blocks.0.attn.hook_head_out, the value
@@ -24,10 +26,17 @@ What this script measures, on 64 held-out windows (16 for a pretrained model) an
   - per layer: the mean attention to token 0 (queries t >= 1, all heads), and the L2 norm of
     token 0's residual stream entering the block beside the others' mean (Fig. 3);
   - per layer: Kendall tau-b between the L2 norm of each W_O input column and token 0's
-    per-dimension spread at the W_O input; the paper's reading of Fig. 7 (left) beside it:
-    one tau per W_O output row (|weights| of the row against the same spread), as a
-    distribution and its mean; and the within-token variance ratio of token 0 to the others
-    after W_O (blocks.{i}.attn.hook_out; Fig. 7, right).
+    per-dimension spread at the W_O input (within its token), and the same tau against the
+    paper's reading: the variance of each of token 0's W_O-input dimensions across the
+    windows (0 everywhere with BOS, then tau is 0); one tau per W_O output row (|weights| of
+    the row against the within-token spread), as a distribution and its mean; and the
+    within-token variance ratio of token 0 to the others after W_O (blocks.{i}.attn.hook_out;
+    Fig. 7, right);
+  - per layer (Fig. 13): Spearman's rho, over the layer's heads, between each head's attention
+    entropy (rows t >= 1, each row over its sum) and the variance of its output
+    (hook_head_out: over the head dimensions, mean over windows and positions); the figure
+    shows the first sink layer (or, without a sink, the layer with the most attention to
+    token 0), heads sorted by entropy.
 "Layer i" is the residual stream entering block i. A small model may not show every link;
 the script prints its numbers and says so.
 
@@ -68,7 +77,8 @@ import torch.nn.functional as F
 from cli import (N_WINDOWS, layer_ticks, print_table, run_script, save_figure, script_parser, setup, studied_model,
                  write_metrics)
 from data import random_token_windows
-from measures import (SINK_THRESHOLD, SPIKE_NORM_RATIO, first_token_attention, norm_spike_layer, sink_rate,
+from measures import (SINK_THRESHOLD, SPIKE_NORM_RATIO, attention_entropy_by_head, first_token_attention,
+                      head_output_variance, norm_spike_layer, rank_correlation, row_normalized, sink_rate,
                       variance_by_position)
 from model import GPT
 
@@ -108,12 +118,32 @@ def token0_dimension_spread(head_out):
     return spread.flatten()
 
 
+def token0_variance_across_windows(head_out):
+    """(N, H, T, hd) head outputs -> (H * hd,) the variance over the N windows of each of token 0's
+    dimensions, ordered as W_O's inputs (h * hd + d): the paper's reading of Fig. 7."""
+    return head_out[:, :, 0].var(dim=0).flatten()
+
+
 def wo_row_taus(wo_weight, spread, max_rows=256):
     """The paper's Fig. 7 (left): for each W_O output row (C_out, C_in), Kendall tau-b between
     the |weights| of that row and token 0's spread over the C_in inputs -> a list, one per row.
     A wide model's rows are taken evenly spaced, max_rows of them: each tau costs O(C_in^2)."""
     rows = wo_weight.abs()[::max(1, len(wo_weight) // max_rows)]
     return [kendall_tau_b(row, spread) for row in rows.numpy()]
+
+
+def random_init_like(model):
+    """A random initialisation of model's architecture, built straight in its dtype and on its device:
+    no float32 copy on the CPU first (28 GB for a 7B model). On the CPU in float32, the same
+    numbers as GPT(config) for the same seed."""
+    weight = model.tok_emb.weight
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(weight.dtype)
+    try:
+        with torch.device(weight.device):
+            return GPT(model.config).to(weight.dtype).eval()  # .to: the RoPE tables are made in float32
+    finally:
+        torch.set_default_dtype(default_dtype)
 
 
 def layer0_variance(model, x, device):
@@ -170,19 +200,38 @@ def plot_attention_and_norm(layers, attention, norm0, norm_others, path):
     save_figure(fig, path)
 
 
-def plot_wo(layers, taus, row_taus, post_ratio, path):
+def plot_wo(layers, taus, taus_across, row_taus, post_ratio, path):
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.boxplot(row_taus, positions=layers, widths=0.5)
-    left.scatter(layers, taus, marker="D", color="tab:blue", zorder=3, label="|W_O column| (one tau per layer)")
+    left.boxplot(row_taus, positions=layers, widths=0.5, manage_ticks=False)  # else its labels outlive xticks below
+    left.scatter(layers, taus, marker="D", color="tab:blue", zorder=3, label="|W_O column| vs spread within token 0")
+    left.scatter(layers, taus_across, marker="o", color="tab:green", zorder=3,
+                 label="|W_O column| vs variance across windows")
     left.axhline(0, color="black", linewidth=0.5)
-    left.set(xlabel="layer", ylabel="Kendall tau-b with token 0's spread", xticks=layer_ticks(layers), ylim=(-1, 1),
-             title="Fig. 7: W_O weights vs token 0's spread")
+    left.set(xlabel="layer", ylabel="Kendall tau-b with token 0's dimensions", xticks=layer_ticks(layers),
+             ylim=(-1, 1), title="Fig. 7: W_O weights vs token 0's variance")
     left.legend(fontsize=8, title="box: one tau per W_O row", title_fontsize=8)
     right.plot(layers, post_ratio, "o-", color="tab:red")
     right.axhline(1, color="gray", linestyle=":", label="no discrepancy")
     right.set(xlabel="layer", ylabel="token 0 variance / others' after W_O", xticks=layer_ticks(layers), yscale="log",
               title="Fig. 7: variance ratio after W_O")
     right.legend()
+    save_figure(fig, path)
+
+
+def plot_head_entropy(entropy, variance, uniform_entropy, title, path):
+    """Fig. 13 for one layer: its heads sorted by attention entropy (bars), their output variance beside them."""
+    entropy, variance = np.asarray(entropy), np.asarray(variance)
+    order = np.argsort(entropy)
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(order)), 4))
+    ax.bar(range(len(order)), entropy[order], color="tab:blue", alpha=0.7)
+    ax.axhline(uniform_entropy, color="tab:blue", linestyle=":", label="uniform causal attention")
+    ax.set(xticks=range(len(order)), xticklabels=[f"H{h}" for h in order], xlabel="head, sorted by entropy",
+           ylabel="attention entropy (nats)", title=title)
+    ax.legend(loc="lower right", fontsize=8)
+    twin = ax.twinx()
+    twin.plot(range(len(order)), variance[order], "o-", color="tab:red")
+    twin.set(yscale="log")
+    twin.set_ylabel("head output variance", color="tab:red")
     save_figure(fig, path)
 
 
@@ -193,8 +242,7 @@ def main(argv=None) -> dict:
     args = setup(parser.parse_args(argv), __file__)
     model, x, bos = studied_model(args, N_WINDOWS)  # x: (N, T) held-out windows
     model_cfg = model.config
-    torch.manual_seed(args.seed)
-    init_model = GPT(model_cfg).to(args.device).eval()  # a random initialisation of the same model
+    torch.manual_seed(args.seed)  # the random initialisation below (Fig. 1, "init")
     vocabulary = 256 if args.model == "trained" else model_cfg.vocab_size  # bytes, or the pretrained vocabulary
     x_random = random_token_windows(len(x), x.shape[1], bos, torch.Generator().manual_seed(args.seed + 1),
                                     vocabulary).to(args.device)  # (N, T)
@@ -203,14 +251,14 @@ def main(argv=None) -> dict:
     reading = "within_token" if bos else "across_sequences"
 
     # Fig. 1: the variance of layer 0's head outputs by position, three cases.
-    by_case = {"init": layer0_variance(init_model, x, args.device),
+    by_case = {"init": layer0_variance(random_init_like(model), x, args.device),  # freed after its one pass
                "trained": layer0_variance(model, x, args.device),
                "random_tokens": layer0_variance(model, x_random, args.device)}
     ratio = {case: variance_ratio_token0(torch.tensor(v[reading])) for case, v in by_case.items()}
 
-    # Fig. 3 and 7: layer by layer, on the trained model and text.
-    names = ["blocks.*.hook_resid_in", "blocks.*.attn.hook_pattern", "blocks.*.attn.hook_head_out_post",
-             "blocks.*.attn.hook_out"]
+    # Fig. 3, 7 and 13: layer by layer, on the trained model and text.
+    names = ["blocks.*.hook_resid_in", "blocks.*.attn.hook_pattern", "blocks.*.attn.hook_head_out",
+             "blocks.*.attn.hook_head_out_post", "blocks.*.attn.hook_out"]
     with torch.no_grad(), model.hooks(record=names) as cache:
         logits, _ = model(x)
     loss = float(F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten()))  # next-token loss, held out
@@ -220,13 +268,19 @@ def main(argv=None) -> dict:
     heads_over = [float((heads > SINK_THRESHOLD).float().mean()) for heads in by_head]  # Gu et al.'s sink rate
     norms = [cache[f"blocks.{i}.hook_resid_in"].norm(dim=-1) for i in layers]  # each (N, T)
     norm0, norm_others = [float(n[:, 0].mean()) for n in norms], [float(n[:, 1:].mean()) for n in norms]
-    taus, row_taus, post_ratio = [], [], []
+    taus, taus_across, row_taus, post_ratio = [], [], [], []
     for i in layers:
         wo_weight = model.blocks[i].attn.wo.weight.detach().float().cpu()  # (C_out, C_in): a column per W_O input
-        spread = token0_dimension_spread(cache[f"blocks.{i}.attn.hook_head_out_post"]).numpy()  # (C_in,)
-        taus.append(kendall_tau_b(wo_weight.norm(dim=0).numpy(), spread))
+        column_norms = wo_weight.norm(dim=0).numpy()  # (C_in,)
+        to_wo = cache[f"blocks.{i}.attn.hook_head_out_post"]  # (N, H, T, hd): what W_O gets
+        spread = token0_dimension_spread(to_wo).numpy()  # (C_in,)
+        taus.append(kendall_tau_b(column_norms, spread))
+        taus_across.append(kendall_tau_b(column_norms, token0_variance_across_windows(to_wo).numpy()))
         row_taus.append(wo_row_taus(wo_weight, spread))
         post_ratio.append(within_token_variance_ratio(cache[f"blocks.{i}.attn.hook_out"]))
+    entropy = [attention_entropy_by_head(row_normalized(cache[f"blocks.{i}.attn.hook_pattern"])) for i in layers]
+    head_variance = [head_output_variance(cache[f"blocks.{i}.attn.hook_head_out"]) for i in layers]  # (H,) each
+    rho = [rank_correlation(e.numpy(), v.numpy()) for e, v in zip(entropy, head_variance)]  # Fig. 13, per layer
 
     metrics = {
         "n_windows": len(x),
@@ -239,19 +293,31 @@ def main(argv=None) -> dict:
         "first_token_norm_by_layer": norm0,
         "other_token_norm_by_layer": norm_others,
         "wo_kendall_tau_by_layer": taus,
+        "wo_kendall_tau_across_windows_by_layer": taus_across,
         "wo_row_kendall_tau_mean_by_layer": [float(np.mean(t)) for t in row_taus],
         "post_wo_var_ratio_by_layer": post_ratio,
         "sink_rate_by_layer": sink_rate([cache[f"blocks.{i}.attn.hook_pattern"] for i in layers])[0],
         "sink_rate": sink_rate([cache[f"blocks.{i}.attn.hook_pattern"] for i in layers])[1],
         "spike_layer": norm_spike_layer(norm0, norm_others),
         "sink_layer": first_layer(attention, SINK_THRESHOLD),
+        "head_entropy_by_layer": [e.tolist() for e in entropy],
+        "head_output_variance_by_layer": [v.tolist() for v in head_variance],
+        "head_entropy_variance_spearman_by_layer": rho,
     }
     metrics["sink_follows_spike"] = sink_follows_spike(metrics["spike_layer"], metrics["sink_layer"])
     write_metrics(metrics, args.script_dir)
     plot_variance(by_case, os.path.join(args.script_dir, "fig1_variance_by_position.png"))
     plot_attention_and_norm(layers, attention, norm0, norm_others,
                             os.path.join(args.script_dir, "fig3_attention_and_norm.png"))
-    plot_wo(layers, taus, row_taus, post_ratio, os.path.join(args.script_dir, "fig7_wo_keeps_variance.png"))
+    plot_wo(layers, taus, taus_across, row_taus, post_ratio,
+            os.path.join(args.script_dir, "fig7_wo_keeps_variance.png"))
+    sink = metrics["sink_layer"]
+    shown = sink if sink is not None else int(np.argmax(attention))  # Fig. 13's layer
+    why = "the first sink layer" if sink is not None else "no sink: most attention to token 0"
+    uniform_entropy = float(np.mean([math.log(t + 1) for t in range(1, x.shape[1])]))  # rows t >= 1, uniform
+    plot_head_entropy(entropy[shown], head_variance[shown], uniform_entropy,
+                      f"Fig. 13: layer {shown} ({why})\nSpearman rho of entropy and variance {rho[shown]:+.2f}",
+                      os.path.join(args.script_dir, "fig13_head_entropy_variance.png"))
 
     print(f"{args.subject}: next-token loss on the held-out windows {loss:.3f} nats "
           f"(uniform over the {model_cfg.vocab_size} tokens: {math.log(model_cfg.vocab_size):.2f})")
@@ -271,11 +337,11 @@ def main(argv=None) -> dict:
           + "\n")
     norm_ratio = [a / b for a, b in zip(norm0, norm_others)]
     row_tau_mean = metrics["wo_row_kendall_tau_mean_by_layer"]
-    print_table([[i, attention[i], heads_over[i], norm0[i], norm_others[i], norm_ratio[i], taus[i], row_tau_mean[i],
-                  post_ratio[i]] for i in layers],
-                ["layer", "attn to 0", f"heads > {SINK_THRESHOLD}", "norm 0", "norm others", "0/others", "W_O tau",
-                 "row tau mean", "var ratio after W_O"])
-    spike, sink = metrics["spike_layer"], metrics["sink_layer"]
+    print_table([[i, attention[i], heads_over[i], norm0[i], norm_others[i], norm_ratio[i], taus[i], taus_across[i],
+                  row_tau_mean[i], post_ratio[i], rho[i]] for i in layers],
+                ["layer", "attn to 0", f"heads > {SINK_THRESHOLD}", "norm 0", "norm others", "0/others",
+                 "W_O tau within", "across", "row tau mean", "var ratio after W_O", "rho(entropy, var)"])
+    spike = metrics["spike_layer"]
     print(f"\n{args.subject}: first layer where token 0's norm reaches {SPIKE_NORM_RATIO:g}x the others': "
           f"{'none in this model' if spike is None else spike}; first layer with attention to token 0 >= "
           f"{SINK_THRESHOLD}: {'none in this model' if sink is None else sink}; the sink "
@@ -283,8 +349,12 @@ def main(argv=None) -> dict:
              "does not follow the spike within one layer here"))
     kept = [i for i in layers if post_ratio[i] > 1]
     print(f"{args.subject}, W_O: tau > 0 (W_O weighs token 0's high-spread dimensions more) in layers "
-          f"{[i for i in layers if taus[i] > 0] or 'none'}; token 0's variance stays above the others' after W_O "
-          f"in layers {kept or 'none'}")
+          f"{[i for i in layers if taus[i] > 0] or 'none'} within token 0, "
+          f"{[i for i in layers if taus_across[i] > 0] or 'none'} across windows (the paper's reading; "
+          f"Llama-2: 0.32); token 0's variance stays above the others' after W_O in layers {kept or 'none'}")
+    print(f"{args.subject}, Fig. 13: Spearman rho of head entropy and output variance in layer {shown} ({why}) "
+          f"{rho[shown]:+.2f} (paper: negative, low-entropy heads give high-variance outputs); negative in layers "
+          f"{[i for i in layers if rho[i] < 0] or 'none'}")
     return metrics
 
 

@@ -61,6 +61,17 @@ def attention_entropy_by_head(pattern, skip=()):
     return -(p * p.clamp_min(1e-30).log()).sum(-1).mean(dim=(0, 2))
 
 
+def head_output_variance(head_out):
+    """(B, H, T, hd) head outputs -> (H,): variance over the head dimensions, mean over windows and positions."""
+    return head_out.var(dim=-1).mean(dim=(0, 2))
+
+
+def rank_correlation(a, b):
+    """Spearman's rho of two 1-D sequences: the Pearson correlation of their ranks (float measures have no ties)."""
+    ranks_a, ranks_b = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ranks_a, ranks_b)[0, 1])
+
+
 def norm_spike_layer(norm_token0, norm_others, ratio=SPIKE_NORM_RATIO):
     """The first layer where token 0's input L2 norm is at least `ratio` times the others', or None."""
     return next((i for i, (a, b) in enumerate(zip(norm_token0, norm_others)) if a >= ratio * b), None)

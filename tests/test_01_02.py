@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from conftest import load_script, numbers_in
+from measures import attention_entropy_by_head, head_output_variance, rank_correlation, row_normalized
+from model import GPT
 
 variance = load_script("01_variance.py")
 super_neurons = load_script("02_super_neurons.py")
@@ -15,10 +17,12 @@ super_neurons = load_script("02_super_neurons.py")
 KEYS = {
     "01_variance": ["var_by_position_init", "var_by_position_trained", "var_by_position_random_tokens",
                     "var_ratio_token0", "first_token_attention_by_layer", "first_token_norm_by_layer",
-                    "other_token_norm_by_layer", "wo_kendall_tau_by_layer", "post_wo_var_ratio_by_layer"],
+                    "other_token_norm_by_layer", "wo_kendall_tau_by_layer", "wo_kendall_tau_across_windows_by_layer",
+                    "post_wo_var_ratio_by_layer", "head_entropy_variance_spearman_by_layer"],
     "02_super_neurons": ["super_neurons", "wdown_column_kurtosis", "massive_dims", "massive_dims_match"],
 }
 SCRIPTS = {"01_variance": variance, "02_super_neurons": super_neurons}
+N_FIGURES = {"01_variance": 4, "02_super_neurons": 3}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +43,7 @@ def test_quick_run_writes_every_key_figures_and_finite_numbers(quick, name):
     assert set(KEYS[name]) <= set(on_disk), set(KEYS[name]) - set(on_disk)
     assert all(math.isfinite(n) for n in numbers_in(on_disk))
     figures = list(folder.glob("*.png"))
-    assert len(figures) == 3 and all(f.stat().st_size > 0 for f in figures)
+    assert len(figures) == N_FIGURES[name] and all(f.stat().st_size > 0 for f in figures)
 
 
 @pytest.mark.parametrize("name", list(SCRIPTS))
@@ -51,7 +55,7 @@ def test_same_seed_gives_identical_metrics(quick, name, tmp_path):
 
 def test_quick_01_shapes(quick):
     metrics = quick[1]["01_variance"]
-    T, n_layer = 32, 2  # the tiny profile
+    T, n_layer, n_head = 32, 2, 2  # the tiny profile
     for case in ("init", "trained", "random_tokens"):
         assert set(metrics[f"var_by_position_{case}"]) == {"across_sequences", "within_token"}
         assert all(len(v) == T for v in metrics[f"var_by_position_{case}"].values())
@@ -60,9 +64,15 @@ def test_quick_01_shapes(quick):
     assert metrics["held_out_loss"] < math.log(257)  # the tiny model learnt something
     assert set(metrics["var_ratio_token0"]) == {"init", "trained", "random_tokens"}
     for key in ("first_token_attention_by_layer", "first_token_norm_by_layer", "other_token_norm_by_layer",
-                "wo_kendall_tau_by_layer", "wo_row_kendall_tau_mean_by_layer", "post_wo_var_ratio_by_layer"):
+                "wo_kendall_tau_by_layer", "wo_kendall_tau_across_windows_by_layer", "wo_row_kendall_tau_mean_by_layer",
+                "post_wo_var_ratio_by_layer", "head_entropy_variance_spearman_by_layer"):
         assert len(metrics[key]) == n_layer
-    assert all(-1 <= t <= 1 for t in metrics["wo_kendall_tau_by_layer"] + metrics["wo_row_kendall_tau_mean_by_layer"])
+    assert all(-1 <= t <= 1 for key in ("wo_kendall_tau_by_layer", "wo_kendall_tau_across_windows_by_layer",
+                                        "wo_row_kendall_tau_mean_by_layer", "head_entropy_variance_spearman_by_layer")
+               for t in metrics[key])
+    for key in ("head_entropy_by_layer", "head_output_variance_by_layer"):
+        assert [len(heads) for heads in metrics[key]] == [n_head] * n_layer
+    assert all(0 < e <= math.log(T) for heads in metrics["head_entropy_by_layer"] for e in heads)
 
 
 def test_quick_02_shapes(quick):
@@ -86,6 +96,43 @@ def test_kendall_tau_b_hand_cases():
 def test_wo_row_taus_one_per_output_row():
     wo_weight = torch.tensor([[1.0, -2.0, 3.0], [3.0, 2.0, 1.0]])  # (C_out, C_in); ranks by |weight|
     assert variance.wo_row_taus(wo_weight, [0.1, 0.2, 0.3]) == pytest.approx([1.0, -1.0])
+
+
+def test_token0_variance_across_windows_in_wo_input_order():
+    head_out = torch.zeros(3, 2, 5, 4)  # (N, H, T, hd)
+    head_out[:, 1, 0, 2] = torch.tensor([1.0, 2.0, 3.0])  # head 1, token 0, dim 2: variance 1 over the 3 windows
+    head_out[:, 0, 1] = torch.randn(3, 4)  # token 1 does not count
+    assert variance.token0_variance_across_windows(head_out).tolist() == [0, 0, 0, 0, 0, 0, 1, 0]
+
+
+def test_head_entropy_and_output_variance_and_their_rank_correlation():
+    """01's Fig. 13 measures on a hand-built layer: head 0 attends uniformly, head 1 only to token 0."""
+    T = 4
+    pattern = torch.zeros(1, 2, T, T)  # (B, H, T, T)
+    pattern[0, 0] = torch.tril(torch.ones(T, T)) / torch.arange(1, T + 1).view(T, 1)
+    pattern[0, 1, :, 0] = 1.0
+    entropy = attention_entropy_by_head(row_normalized(pattern))
+    expected = sum(math.log(t + 1) for t in range(1, T)) / (T - 1)  # rows t >= 1: uniform over t + 1 keys
+    assert entropy.tolist() == pytest.approx([expected, 0.0])
+    head_out = torch.zeros(2, 2, 3, 4)  # (B, H, T, hd)
+    head_out[..., 0, :] = torch.tensor([1.0, -1.0, 1.0, -1.0])  # each head's position 0: variance 4/3 over hd
+    assert head_output_variance(head_out).tolist() == pytest.approx([4 / 9, 4 / 9])  # mean over the 3 positions
+    assert rank_correlation([0.1, 0.5, 0.3], [3.0, 1.0, 2.0]) == pytest.approx(-1.0)
+    assert rank_correlation([0.1, 0.2, 0.3, 0.4], [1.0, 3.0, 2.0, 4.0]) == pytest.approx(0.8)  # 1 - 6 * 2 / (4 * 15)
+
+
+def test_random_init_like_is_gpt_of_the_same_seed_in_the_models_dtype(tiny_config):
+    """01's random-init copy: built in the studied model's dtype and device, and on the CPU in float32
+    exactly the numbers GPT(config) draws from the same seed."""
+    studied = GPT(tiny_config)
+    torch.manual_seed(3)
+    expected = GPT(tiny_config).state_dict()
+    torch.manual_seed(3)
+    built = variance.random_init_like(studied).state_dict()
+    assert built.keys() == expected.keys() and all(torch.equal(built[k], expected[k]) for k in expected)
+    in_bf16 = variance.random_init_like(GPT(tiny_config).to(torch.bfloat16))
+    assert {t.dtype for t in in_bf16.state_dict().values()} | {b.dtype for b in in_bf16.buffers()} == {torch.bfloat16}
+    assert torch.get_default_dtype() == torch.float32  # restored
 
 
 def test_first_layer_reaching_a_threshold():

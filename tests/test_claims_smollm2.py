@@ -11,6 +11,7 @@ pytestmark = pytest.mark.claims
 OUT = os.path.join(ROOT, "out")
 SINK_THRESHOLD = 0.3  # Gu et al.'s epsilon
 FIRST_SINK_LAYER = 3  # "a sink in most layers from layer 3 on"
+FIG7_LAYERS = (0, 1)  # the paper's tau (0.32) is Llama-2's "layer 1": counted from 0 or from 1, both are checked
 
 
 def run(filename):
@@ -54,6 +55,27 @@ def test_token0_variance_above_the_others_at_init(smollm2_01):
 
 def test_token0_variance_above_the_others_on_random_tokens(smollm2_01):
     assert smollm2_01["var_ratio_token0"]["random_tokens"] > 1, smollm2_01["var_ratio_token0"]
+
+
+def test_wo_weighs_token0s_high_variance_dimensions(smollm2_01):
+    """Fig. 7 (left), the paper's reading: Kendall tau-b between the |W_O column| norms and the variance across
+    windows of token 0's W_O-input dimensions is positive (Llama-2: 0.32; the sign is the claim) in the paper's
+    layer 1. The within-token reading in the message, for comparison."""
+    across, within = smollm2_01["wo_kendall_tau_across_windows_by_layer"], smollm2_01["wo_kendall_tau_by_layer"]
+    assert all(across[i] > 0 for i in FIG7_LAYERS), (
+        f"layers {FIG7_LAYERS}: tau across windows {[round(across[i], 3) for i in FIG7_LAYERS]}, "
+        f"within token 0 {[round(within[i], 3) for i in FIG7_LAYERS]}")
+
+
+@claim_not_held("SmolLM2 measured: Spearman rho +0.35 over the 9 heads of layer 3, the first sink layer; negative in "
+                "10 of 30 layers (0, 2, 4, 6, 9, 10, 11, 14, 16, 25; -0.97 in layer 11, a layer without a sink)")
+def test_low_entropy_heads_give_high_variance_outputs(smollm2_01):
+    """Fig. 13: in the first sink layer (01's rule: mean attention to token 0 >= 0.3), Spearman's rho over the
+    layer's heads between attention entropy and output variance is negative (the paper gives the sign: low-entropy
+    heads give high-variance outputs)."""
+    layer, rho = smollm2_01["sink_layer"], smollm2_01["head_entropy_variance_spearman_by_layer"]
+    assert layer is not None, "no sink layer"
+    assert rho[layer] < 0, f"layer {layer}: rho {rho[layer]:+.2f}; by layer {[round(r, 2) for r in rho]}"
 
 
 def test_a_super_neuron_in_the_first_layers_writes_token0s_massive_dimensions(smollm2_02):
