@@ -16,10 +16,12 @@ What this script does. It trains the four variants of model.py with the profile'
 (on the CPU by default `cpu_bos`: the series' own cpu recipe grows no full sink without a BOS
 token, so 05 takes the recipe with a BOS token whose layer-0 sink a fix can remove; README),
 the same token budget and the same data order, for each of --seeds seeds (seed --seed,
---seed + 1, ...). The checkpoint cache keeps every
-run, so a second call only analyses. It prints the expected training time first: the time
-of 3 training steps measured here, times the profile's steps (an estimate; validation and
-progress bars add a little). Then, on 64 held-out windows, per variant (mean over seeds):
+--seed + 1, ...; default one seed: four models). The checkpoint cache keeps every
+run, so a second call only analyses. It prints the expected training time first: each
+variant's step planned as its training will run it (training.plan_training on a fresh model:
+precision, micro-batch, one step timed here), times the steps of every run still to train
+(an estimate; validation and progress bars add a little). Then, on 64 held-out windows,
+per variant (mean over seeds):
   - validation loss every eval_interval steps, mean and min-max band over seeds (Fig. 16);
     the final loss, and the first evaluated step at which the variant's mean curve reaches
     the baseline's mean final loss (resolution: eval_interval steps);
@@ -77,7 +79,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import os
-import time
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -87,7 +88,8 @@ from cli import N_WINDOWS, print_table, record, run_script, save_figure, script_
 from measures import (SINK_THRESHOLD, attention_entropy_by_head, first_token_attention, interval_verdict,
                       mean_effective_rank, paired_interval, sink_rate, token0_dominance_by_window, variance_by_position)
 from model import ATTENTION_VARIANTS, GPT, InputError
-from training import ARMS, autocast, checkpoint_path, close_distributed, init_distributed, profile_configs, trained_model
+from training import (ARMS, checkpoint_path, close_distributed, duration_text, init_distributed, plan_training,
+                      profile_configs, trained_model)
 
 DEFAULT_PROFILE = "cpu_bos"  # on the CPU: the recipe with a BOS sink for the fixes to remove (README, 05)
 AGGREGATION_LAYER = 0  # the layer whose aggregation output Fig. 23 shows
@@ -151,23 +153,10 @@ def is_cached(profile, attn, seed, data, device, out_dir, steps=None):
     return os.path.exists(checkpoint_path(profile, attn, seed, data, device, out_dir, steps)[0])
 
 
-def seconds_per_step(attn, profile, data, device, n_steps=3):
-    """Time n_steps training steps of a fresh model after one untimed warm-up step."""
-    model_cfg, train_cfg = profile_configs(profile, attn)
-    model = GPT(model_cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr)
-    x, y = data.windows("train", train_cfg.batch_size, train_cfg.bos, torch.Generator().manual_seed(0))
-    x, y = x.to(device), y.to(device)
-    for step in range(n_steps + 1):
-        if step == 1:
-            start = time.time()
-        with autocast(device):
-            _, loss = model(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss.item()  # waits for the GPU
-    return (time.time() - start) / n_steps
+def step_plan(arm, profile, data, device, micro_batch=None):
+    """How this arm's training will run here: training.plan_training on a fresh model (micro-batch, speed)."""
+    model_cfg, train_cfg = profile_configs(profile, arm)
+    return plan_training(GPT(model_cfg).to(device), data, train_cfg, micro_batch)
 
 
 # ----------------------------------------------------------------------------- figures
@@ -323,38 +312,42 @@ def main(argv=None) -> dict:
     parser.add_argument("--variants", default=",".join(ATTENTION_VARIANTS),
                         help=f"comma-separated, softmax included, of {', '.join(ARMS)} "
                              f"(default: {','.join(ATTENTION_VARIANTS)})")
-    parser.add_argument("--seeds", type=int, default=None,
-                        help="seeds per variant: --seed, --seed + 1, ... (default: 3 on the gpu profile, else 1)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="seeds per variant: --seed, --seed + 1, ... (default 1: four models with the default "
+                             "--variants; 3 or more give the seed study its intervals)")
     parser.add_argument("--steps", type=int, default=None,
                         help="a step budget other than the profile's, evaluated 10 times (the seed study's)")
     args = parser.parse_args(argv)
     variants = parse_variants(args.variants)
-    if args.seeds is not None and args.seeds < 1:
+    if args.seeds < 1:
         raise InputError(f"--seeds {args.seeds}: train at least one seed")
-    args = setup(args, __file__, cpu_profile=DEFAULT_PROFILE)
+    args = setup(args, __file__, cpu_profile=DEFAULT_PROFILE, torchrun=True)
     args.device, rank, _ = init_distributed(args.device)  # under torchrun: this rank's GPU; else unchanged
-    seeds = [args.seed + i for i in range(args.seeds or (3 if args.profile == "gpu" else 1))]
+    seeds = [args.seed + i for i in range(args.seeds)]
     model_cfg, train_cfg = profile_configs(args.profile, steps=args.steps)
     args.script_dir = os.path.join(args.script_dir, args.profile + (f"-{args.steps}steps" if args.steps else ""))
     os.makedirs(args.script_dir, exist_ok=True)
     run = dict(data=args.dataset, device=args.device, out_dir=args.out_dir, steps=args.steps)
 
-    to_train = [(v, s) for v in variants for s in seeds if not is_cached(args.profile, v, s, **run)]
-    step_time = {v: seconds_per_step(v, args.profile, args.dataset, args.device) for v in {v for v, _ in to_train}}
-    expected = sum(step_time[v] * train_cfg.steps for v, _ in to_train)
-    print(f"{len(variants) * len(seeds)} runs ({args.profile} profile, {train_cfg.steps} steps x "
-          f"{train_cfg.batch_size} x {model_cfg.block_size} tokens each), {len(to_train)} to train: "
-          f"expected time about "
-          + (f"{expected / 60:.0f} min" if expected >= 60 else f"{expected:.0f} s")
-          + " (3 steps timed here; an estimate)")
+    if rank == 0:  # the estimate, for every run still to train
+        to_train = [(v, s) for v in variants for s in seeds if not is_cached(args.profile, v, s, **run)]
+        plans = {v: step_plan(v, args.profile, args.dataset, args.device, args.micro_batch)
+                 for v in dict.fromkeys(v for v, _ in to_train)}
+        for v, plan in plans.items():
+            print(f"{v}: {plan.describe(train_cfg, model_cfg.block_size)}")
+        minutes = sum(plans[v].minutes(train_cfg, model_cfg.block_size) for v, _ in to_train)
+        print(f"{len(variants) * len(seeds)} runs ({args.profile} profile, {train_cfg.steps} steps x "
+              f"{train_cfg.batch_size} x {model_cfg.block_size} tokens each), {len(to_train)} to train: "
+              f"expected time about {duration_text(minutes)} in all (an estimate)")
 
     x, _ = args.dataset.windows("val", N_WINDOWS, train_cfg.bos, torch.Generator().manual_seed(args.seed))  # (N, T)
     curves, analyses = {}, {}
     for seed in seeds:  # a paired design: within a seed, every variant sees the same windows in the same order
         for variant in variants:
-            model, history = trained_model(args.profile, variant, seed, **run)
-            curves.setdefault(variant, {})[str(seed)] = history["val_loss"]
-            analyses.setdefault(variant, []).append(analyse(model.eval(), x.to(args.device)))
+            model, history = trained_model(args.profile, variant, seed, **run, micro_batch=args.micro_batch)
+            if rank == 0:  # the others go on to the next training
+                curves.setdefault(variant, {})[str(seed)] = history["val_loss"]
+                analyses.setdefault(variant, []).append(analyse(model.eval(), x.to(args.device)))
     close_distributed()  # training is over: rank 0 alone analyses, writes and prints
     if rank != 0:
         return {}

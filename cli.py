@@ -51,6 +51,10 @@ def script_parser(doc, cpu_profile="cpu", pretrained=True):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out_dir", default="out")
     parser.add_argument("--quick", action="store_true", help="the tiny profile: a first look in seconds")
+    parser.add_argument("--micro_batch", type=int, default=None,
+                        help="windows per forward and backward pass when a model trains, the gradients accumulated "
+                             "over the profile's batch (the same training within float tolerance); default: the "
+                             "largest that fits on CUDA, found before training; elsewhere the whole batch")
     if pretrained:
         parser.add_argument("--model", default="trained",
                             help="trained (the profile's model, trained here and cached; default), smollm2-135m, or "
@@ -58,9 +62,15 @@ def script_parser(doc, cpu_profile="cpu", pretrained=True):
     return parser
 
 
-def setup(args, script_file, cpu_profile="cpu"):
+def setup(args, script_file, cpu_profile="cpu", torchrun=False):
     """Resolve the common options: device, profile, data, output folder; seeds torch.
-    The default profile is gpu on CUDA, else cpu_profile."""
+    The default profile is gpu on CUDA, else cpu_profile. torchrun: the script trains under torchrun
+    (05); the others stop there, before any model loads, rather than run once per process."""
+    processes = int(os.environ.get("WORLD_SIZE", 1))
+    if processes > 1 and not torchrun:
+        name = os.path.basename(script_file)
+        raise InputError(f"{name} runs in one process, not under torchrun ({processes} processes here): of the "
+                         f"scripts, only 05_pretrain_headwise.py trains under torchrun; run python {name} alone")
     args.device = pick_device(args.device)
     args.model = getattr(args, "model", "trained")
     if args.model != "trained" and (args.quick or args.profile is not None):
@@ -94,7 +104,8 @@ def studied_model(args, n_windows, seed_offset=0):
     """The model a script studies (eval mode) and n_windows of its held-out windows on the device:
     (model, x (n_windows, T), bos). The trained model comes from the cache, or is trained now."""
     if args.model == "trained":
-        model, _ = trained_model(args.profile, "softmax", args.seed, args.dataset, args.device, args.out_dir)
+        model, _ = trained_model(args.profile, "softmax", args.seed, args.dataset, args.device, args.out_dir,
+                                 micro_batch=args.micro_batch)
         bos = profile_configs(args.profile)[1].bos
     else:
         model, bos, n_windows = args.pretrained, False, min(n_windows, PRETRAINED_N_WINDOWS)

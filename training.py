@@ -261,6 +261,18 @@ def free_cuda_memory():
     torch.cuda.empty_cache()
 
 
+def cuda_micro_batch(try_step, batch_size, model, block_size):
+    """largest_micro_batch on the model's GPU, or a one-line error when not even one window fits."""
+    size = largest_micro_batch(try_step, batch_size, free_cuda_memory)
+    if size is None:
+        device = next(model.parameters()).device
+        total, state = torch.cuda.get_device_properties(device).total_memory, 16 * sum(p.numel() for p in model.parameters())
+        raise InputError(f"one window of {block_size} tokens does not fit on {torch.cuda.get_device_name(device)} "
+                         f"({gib(total):.1f} GiB): the weights, gradients and AdamW state alone take {gib(state):.2f} GiB, "
+                         f"plus one window's activations; try a smaller --profile")
+    return size
+
+
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -268,6 +280,11 @@ def synchronize(device):
 
 def gib(n_bytes):
     return n_bytes / 2**30
+
+
+def duration_text(minutes):
+    """Seconds under a minute, else minutes."""
+    return f"{minutes * 60:.0f} s" if minutes < 1 else f"{minutes:.1f} min"
 
 
 @dataclass
@@ -289,7 +306,7 @@ class StepPlan:
         processes = f" on each of {world_size()} processes" if world_size() > 1 else ""
         return (f"{self.device}, {self.precision}, micro-batch {self.micro_batch} x {self.accumulation} accumulation"
                 f"{processes}{memory}, {self.tokens_per_s:,.0f} tokens/s measured: about "
-                f"{self.minutes(cfg, block_size):.1f} min for {cfg.steps} steps (an estimate)")
+                f"{duration_text(self.minutes(cfg, block_size))} for {cfg.steps} steps (an estimate)")
 
 
 def plan_training(model, data, cfg, micro_batch=None):
@@ -314,12 +331,7 @@ def plan_training(model, data, cfg, micro_batch=None):
     if micro_batch is not None:
         size = min(micro_batch, batch)
     elif device.type == "cuda":
-        size = largest_micro_batch(timed_step, batch, free_cuda_memory)
-        if size is None:
-            total, state = torch.cuda.get_device_properties(device).total_memory, 16 * sum(p.numel() for p in model.parameters())
-            raise InputError(f"one window of {data.block_size} tokens does not fit on {torch.cuda.get_device_name(device)} "
-                             f"({gib(total):.1f} GiB): the weights, gradients and AdamW state alone take {gib(state):.2f} GiB, "
-                             f"plus one window's activations; try a smaller --profile")
+        size = cuda_micro_batch(timed_step, batch, model, data.block_size)
     else:
         size = batch
     if device.type == "cuda":

@@ -4,6 +4,9 @@ profile: python -m pytest -m claims_long tests/test_05.py (sink removal over see
 import json
 import math
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -70,6 +73,41 @@ def test_same_seed_gives_identical_metrics(quick, tmp_path):
     """Every variant trained again from scratch in an empty folder, not loaded from the cache."""
     _, metrics = quick
     assert pretrain.main(["--quick", "--seeds", "1", "--out_dir", str(tmp_path)]) == metrics
+
+
+# 05 in each of 2 gloo processes under torchrun, `analyse` wrapped to record which rank calls it.
+DRIVER = textwrap.dedent(f"""
+    import importlib.util, os, sys
+    sys.path.insert(0, {ROOT!r})
+    import cli
+    spec = importlib.util.spec_from_file_location("pretrain", os.path.join({ROOT!r}, "05_pretrain_headwise.py"))
+    pretrain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pretrain)
+    analyse = pretrain.analyse
+    def recorded_analyse(model, x):
+        open("analysed_by_rank" + os.environ["RANK"], "a").close()
+        return analyse(model, x)
+    pretrain.analyse = recorded_analyse
+    cli.run_script(lambda: pretrain.main(sys.argv[1:]))
+""")
+
+
+def test_under_torchrun_rank_0_alone_estimates_analyses_and_prints(tmp_path):
+    """Two variants, 10 steps, micro-batches of 4: each process's 8 windows of the batch of 16 in 2."""
+    (tmp_path / "driver.py").write_text(DRIVER)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "driver.py", "--quick",
+               "--variants", "softmax,gated", "--steps", "10", "--micro_batch", "4", "--out_dir", str(tmp_path / "out")]
+    done = subprocess.run(command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    plan = "cpu, fp32, micro-batch 4 x 2 accumulation on each of 2 processes"
+    for start in ("softmax: ", "gated: ", "tiny/softmax/seed 0: ", "tiny/gated/seed 0: "):  # the estimate, the trainings
+        assert sum(line.startswith(start + plan) for line in lines) == 1, start
+    assert sum(line.startswith("2 runs (tiny profile, 10 steps x 16 x 32 tokens each), 2 to train: ") for line in lines) == 1
+    assert sum(line.lstrip().startswith("variant  final val loss") for line in lines) == 1
+    assert sorted(p.name for p in tmp_path.glob("analysed_by_rank*")) == ["analysed_by_rank0"]
+    assert (tmp_path / "out" / "05_pretrain_headwise" / "tiny-10steps" / "metrics.json").exists()
 
 
 def test_unknown_variant_is_an_input_error(tmp_path):

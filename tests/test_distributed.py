@@ -1,5 +1,6 @@
 """Tests of training on several processes: two gloo processes on the CPU, launched by torchrun
-(python -m torch.distributed.run), train the tiny profile for 3 steps through train and trained_model."""
+(python -m torch.distributed.run), train the tiny profile for 3 steps through train (in micro-batches)
+and trained_model. (A failure on one rank ending the others: test_training.py.)"""
 import os
 import subprocess
 import sys
@@ -13,18 +14,20 @@ from data import ByteData
 from model import GPT, InputError
 from training import PROFILES, batch_generator, local_batch_size, profile_configs, training_environment
 
-N_PROCESSES, STEPS = 2, 3
+N_PROCESSES, STEPS, MICRO_BATCH = 2, 3, 2  # the tiny batch, 16: 8 a process, 4 micro-batches
 TEXT = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(800)).encode()
 
-# Run by each process: train (dumping step 0's averaged gradient and the final weights), then
-# trained_model, with save_checkpoint wrapped to record which rank called it.
+# Run by each process: train in micro-batches of 2 (dumping step 0's averaged gradient, the final
+# weights and how many backward passes skipped DDP's gradient sync), then trained_model, with
+# save_checkpoint wrapped to record which rank called it, then trained_model again with rank 0's save failing.
 DRIVER = textwrap.dedent(f"""
     import sys
     sys.path.insert(0, {ROOT!r})
     import torch
+    from torch.nn.parallel import DistributedDataParallel
     import training
     from data import ByteData
-    from model import GPT
+    from model import GPT, InputError
 
     training.PROFILES["tiny"]["train"].update(steps={STEPS}, eval_interval=2)
     device, rank, world = training.init_distributed("cpu")
@@ -35,10 +38,17 @@ DRIVER = textwrap.dedent(f"""
         if step == 0:
             torch.save({{n: p.grad for n, p in model.named_parameters()}}, f"dumps/grad{{rank}}.pt")
 
+    no_sync, skipped_syncs = DistributedDataParallel.no_sync, []
+    def counted_no_sync(self):
+        skipped_syncs.append(1)
+        return no_sync(self)
+    DistributedDataParallel.no_sync = counted_no_sync
+
     torch.manual_seed(0)
     model = GPT(model_cfg)
-    training.train(model, data, train_cfg, after_backward=dump_first_gradient)
+    training.train(model, data, train_cfg, after_backward=dump_first_gradient, micro_batch={MICRO_BATCH})
     torch.save(model.state_dict(), f"dumps/state{{rank}}.pt")
+    torch.save(len(skipped_syncs), f"dumps/skipped_syncs{{rank}}.pt")
 
     save = training.save_checkpoint
     def recorded_save(*args, **kwargs):
@@ -47,6 +57,14 @@ DRIVER = textwrap.dedent(f"""
     training.save_checkpoint = recorded_save
     _, history = training.trained_model("tiny", data=data, out_dir="out")
     torch.save(history, f"dumps/history{{rank}}.pt")
+
+    def failed_save(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    training.save_checkpoint = failed_save
+    try:
+        training.trained_model("tiny", seed=1, data=data, out_dir="out")
+    except InputError as e:
+        torch.save(str(e), f"dumps/save_error{{rank}}.pt")
     training.close_distributed()
 """)
 
@@ -79,7 +97,8 @@ def test_ranks_end_with_identical_parameters(run):
 
 def test_only_rank_0_writes_the_checkpoint_and_every_rank_gets_its_history(run):
     assert sorted(os.listdir(run / "dumps")) == sorted(
-        [f"{n}{r}.pt" for n in ("grad", "state", "history") for r in range(N_PROCESSES)] + ["saved_by_rank0"])
+        [f"{n}{r}.pt" for n in ("grad", "state", "skipped_syncs", "history", "save_error") for r in range(N_PROCESSES)]
+        + ["saved_by_rank0"])
     (checkpoint,) = os.listdir(run / "out" / "checkpoints")  # one whole file, no temp file left
     payload = torch.load(run / "out" / "checkpoints" / checkpoint, weights_only=True)
     assert payload["environment"]["world_size"] == N_PROCESSES  # never a 1-process run's key
@@ -87,7 +106,18 @@ def test_only_rank_0_writes_the_checkpoint_and_every_rank_gets_its_history(run):
     assert first == second and first["val_step"] == [0, 2, STEPS]
 
 
+def test_a_failed_save_on_rank_0_is_every_ranks_error(run):
+    for error in dumped(run, "save_error"):
+        assert error.startswith("cannot save the checkpoint") and error.endswith("No space left on device")
+
+
+def test_micro_batches_sync_the_gradients_once_a_step(run):
+    micro_batches = local_batch_size(PROFILES["tiny"]["train"]["batch_size"], N_PROCESSES) // MICRO_BATCH
+    assert dumped(run, "skipped_syncs") == [STEPS * (micro_batches - 1)] * N_PROCESSES  # all but the last
+
+
 def test_first_step_gradient_equals_one_process_on_the_global_batch(run):
+    """Each rank's 8 windows in 4 micro-batches, DDP's average over ranks in the last one's backward."""
     model_cfg, train_cfg = profile_configs("tiny")
     data, n = ByteData(TEXT, model_cfg.block_size), train_cfg.batch_size // N_PROCESSES
     local = [data.windows("train", n, train_cfg.bos, batch_generator(train_cfg.seed, r),
