@@ -85,8 +85,9 @@ import numpy as np
 import torch
 
 from cli import N_WINDOWS, print_table, record, run_script, save_figure, script_parser, setup, write_metrics
-from measures import (SINK_THRESHOLD, attention_entropy_by_head, first_token_attention, interval_verdict,
-                      mean_effective_rank, paired_interval, sink_rate, token0_dominance_by_window, variance_by_position)
+from measures import (SINK_THRESHOLD, attention_entropy_by_head, first_token_attention, head_output_variance,
+                      interval_verdict, mean_effective_rank, paired_interval, rank_correlation, sink_rate,
+                      token0_dominance_by_window, variance_by_position)
 from model import ATTENTION_VARIANTS, GPT, InputError
 from training import (ARMS, checkpoint_path, close_distributed, duration_text, init_distributed, plan_training,
                       profile_configs, trained_model)
@@ -100,17 +101,6 @@ COLORS = {"softmax": "tab:red", "sigmoid": "tab:green", "headwise": "tab:blue", 
 
 
 # ----------------------------------------------------------------------------- measures
-
-def head_output_variance(head_out):
-    """(B, H, T, hd) head outputs -> (H,): variance over the head dimensions, mean over windows and positions."""
-    return head_out.var(dim=-1).mean(dim=(0, 2))
-
-
-def rank_correlation(a, b):
-    """Spearman's rho: the Pearson correlation of the ranks (float measures have no ties)."""
-    ranks_a, ranks_b = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ranks_a, ranks_b)[0, 1])
-
 
 def steps_to_reach(steps, losses, target):
     """The first evaluated step whose loss is at most target; None if the curve never gets there."""
@@ -344,7 +334,8 @@ def main(argv=None) -> dict:
     curves, analyses = {}, {}
     for seed in seeds:  # a paired design: within a seed, every variant sees the same windows in the same order
         for variant in variants:
-            model, history = trained_model(args.profile, variant, seed, **run, micro_batch=args.micro_batch)
+            model, history = trained_model(args.profile, variant, seed, **run, micro_batch=args.micro_batch,
+                                           compile=False if args.no_compile else None)
             if rank == 0:  # the others go on to the next training
                 curves.setdefault(variant, {})[str(seed)] = history["val_loss"]
                 analyses.setdefault(variant, []).append(analyse(model.eval(), x.to(args.device)))

@@ -55,6 +55,8 @@ def script_parser(doc, cpu_profile="cpu", pretrained=True):
                         help="windows per forward and backward pass when a model trains, the gradients accumulated "
                              "over the profile's batch (the same training within float tolerance); default: the "
                              "largest that fits on CUDA, found before training; elsewhere the whole batch")
+    parser.add_argument("--no_compile", action="store_true",
+                        help="train without torch.compile (on CUDA it is on by default; on the CPU always off)")
     if pretrained:
         parser.add_argument("--model", default="trained",
                             help="trained (the profile's model, trained here and cached; default), smollm2-135m, or "
@@ -105,7 +107,7 @@ def studied_model(args, n_windows, seed_offset=0):
     (model, x (n_windows, T), bos). The trained model comes from the cache, or is trained now."""
     if args.model == "trained":
         model, _ = trained_model(args.profile, "softmax", args.seed, args.dataset, args.device, args.out_dir,
-                                 micro_batch=args.micro_batch)
+                                 micro_batch=args.micro_batch, compile=False if args.no_compile else None)
         bos = profile_configs(args.profile)[1].bos
     else:
         model, bos, n_windows = args.pretrained, False, min(n_windows, PRETRAINED_N_WINDOWS)

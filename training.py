@@ -364,20 +364,24 @@ def checked_losses(losses, first_step):
 CHECK_EVERY = 50  # steps between reads of the loss (each read waits for the device)
 
 
-def train(model, data, cfg, desc="train", after_backward=None, micro_batch=None):
+def train(model, data, cfg, desc="train", after_backward=None, micro_batch=None, compile=None):
     """Train in place; returns the history {"step", "train_loss", "val_step", "val_loss"}.
     First it finds and prints how this device runs a step (plan_training). Under torchrun, each
     process trains on its share of cfg.batch_size (the global batch) and DDP averages the gradients;
     rank 0 alone evaluates (elsewhere val_step and val_loss stay empty).
-    after_backward(step, model): optional, called with the gradients in place (the tests look)."""
+    after_backward(step, model): optional, called with the gradients in place (the tests look).
+    compile: torch.compile the training step's forward and backward (default: on CUDA only, where a
+    step of this small model is bound by elementwise memory traffic that compiling fuses; on the CPU
+    it is off, see README's throughput). Evaluation and every analysis run `model` itself, uncompiled."""
     device, n_processes, main = next(model.parameters()).device, world_size(), is_main_process()
-    plan, batch_size = plan_training(model, data, cfg, micro_batch), local_batch_size(cfg.batch_size, n_processes)
+    step_model = torch.compile(model) if (device.type == "cuda" if compile is None else compile) else model  # same weights
+    plan, batch_size = plan_training(step_model, data, cfg, micro_batch), local_batch_size(cfg.batch_size, n_processes)
     if main:
-        print(f"{desc}: {plan.describe(cfg, data.block_size)}")
+        print(f"{desc}: {plan.describe(cfg, data.block_size)}" + (", compiled" if step_model is not model else ""))
     # DDP starts every rank from rank 0's weights and averages the gradients in backward; we
-    # evaluate and save `model`, its module. Alone, `net` is `model` and nothing changes.
-    net = model if n_processes == 1 else DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)  # buffers: RoPE tables
+    # evaluate and save `model`, its module. Alone, `net` is `step_model` and nothing changes.
+    net = step_model if n_processes == 1 else DistributedDataParallel(
+        step_model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)  # buffers: RoPE tables
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay, cfg.head_norm_gain_decay), lr=cfg.lr,
                                   betas=(0.9, 0.95), **({"fused": True} if device.type == "cuda" else {}))
     scaler = torch.amp.GradScaler(device.type, enabled=plan.precision == "fp16")  # fp16 gradients underflow unscaled
@@ -470,9 +474,11 @@ def checkpoint_path(profile, arm, seed, data, device, out_dir, steps=None):
     return os.path.join(out_dir, "checkpoints", f"{profile}-{model_cfg.attn}-seed{seed}-{key}.pt"), expect
 
 
-def trained_model(profile, arm="softmax", seed=0, data=None, device="cpu", out_dir="out", steps=None, micro_batch=None):
+def trained_model(profile, arm="softmax", seed=0, data=None, device="cpu", out_dir="out", steps=None, micro_batch=None,
+                  compile=None):
     """The model of this profile, arm (ARMS) and seed: from the cache in out_dir/checkpoints, or trained now
-    (micro_batch: see plan_training; it changes the result only within float tolerance, so it is not keyed)."""
+    (micro_batch: see plan_training; compile: see train; each changes the result only within float
+    tolerance, so neither is keyed)."""
     model_cfg, train_cfg = profile_configs(profile, arm, seed, steps)
     data = data if data is not None else ByteData(load_corpus(corpus=train_cfg.corpus), model_cfg.block_size, train_cfg.corpus)
     path, expect = checkpoint_path(profile, arm, seed, data, device, out_dir, steps)
@@ -480,7 +486,7 @@ def trained_model(profile, arm="softmax", seed=0, data=None, device="cpu", out_d
         return load_checkpoint(path, device, expect)
     torch.manual_seed(seed)
     model = GPT(model_cfg).to(device)
-    history = train(model, data, train_cfg, desc=f"{profile}/{arm}/seed {seed}", micro_batch=micro_batch)
+    history = train(model, data, train_cfg, desc=f"{profile}/{arm}/seed {seed}", micro_batch=micro_batch, compile=compile)
     failure = None
     if is_main_process():
         try:

@@ -132,17 +132,6 @@ def test_attention_entropy_of_uniform_and_one_hot_attention():
     torch.testing.assert_close(attention_entropy_by_head(pattern), torch.tensor([expected_uniform, 0.0]))
 
 
-def test_head_output_variance():
-    head_out = torch.zeros(2, 3, 4, 2)  # (B, H, T, hd)
-    head_out[:, 1, :, 0], head_out[:, 1, :, 1] = 1.0, -1.0  # head 1: every vector (1, -1), variance 2 (unbiased)
-    torch.testing.assert_close(pretrain.head_output_variance(head_out), torch.tensor([0.0, 2.0, 0.0]))
-
-
-def test_rank_correlation():
-    assert pretrain.rank_correlation([1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 30.0, 400.0]) == pytest.approx(1.0)
-    assert pretrain.rank_correlation([1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]) == pytest.approx(-1.0)
-
-
 def test_steps_to_reach():
     steps, losses = [0, 10, 20], [3.0, 2.0, 1.0]
     assert pretrain.steps_to_reach(steps, losses, 2.0) == 10  # reached exactly at an evaluation

@@ -59,6 +59,21 @@ def test_fast_path_equals_recorded_path(tiny_config, attn, monkeypatch):
     assert cache["blocks.1.attn.hook_pattern"].shape == (4, 2, 16, 16)
 
 
+@pytest.mark.parametrize("attn", [a for a in ATTENTION_VARIANTS if a != "sigmoid"])
+def test_fast_path_equals_recorded_path_under_bf16_autocast(tiny_config, attn):
+    """As on a GPU: q and k stay in bf16 through RoPE, the recorded path computes its softmax in float32,
+    so its rows sum to 1 as in float32, and the two paths agree within bf16's rounding (2^-8 relative)."""
+    model = variant(tiny_config, attn)
+    idx = torch.randint(256, (4, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast, _ = model(idx)
+        with model.hooks(record="blocks.*.attn.hook_pattern") as cache:
+            recorded, _ = model(idx)
+    rows = cache["blocks.1.attn.hook_pattern"].sum(-1)  # (B, H, T)
+    assert_close(rows, torch.ones_like(rows), rtol=0, atol=1e-6)
+    assert_close(fast, recorded, rtol=2**-7, atol=2**-7 * fast.abs().max().item())
+
+
 def test_unknown_variant_names_valid_ones():
     with pytest.raises(ValueError, match="softmax, sigmoid, headwise, gated"):
         GPTConfig(attn="linear")

@@ -245,3 +245,20 @@ def test_an_error_on_one_rank_ends_the_others_in_seconds(tmp_path):
     assert done.returncode != 0 and "finished" not in done.stdout
     assert "error: rank 1 fails" in done.stderr and "exitcode  : 2" in done.stderr, done.stderr[-3000:]
     assert seconds < 60  # not rank 0's 300 s sleep, nor a collective's timeout
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+@pytest.mark.parametrize("attn", ["softmax", "sigmoid"])  # the fast path, and the explicit one compiled
+def test_a_compiled_training_gives_the_eager_losses(tiny_config, data, attn):
+    """train(compile=True), as on CUDA by default, on the CPU: the same losses as eager within float32's
+    rounding (the compiled kernels sum in another order), and evaluation still runs the module itself."""
+    cfg = TrainConfig(steps=4, batch_size=8, eval_interval=4, eval_windows=4)
+    histories = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        model = GPT(dataclasses.replace(tiny_config, attn=attn))
+        histories.append(train(model, data, cfg, compile=compile))
+    eager, compiled = histories
+    assert_close(compiled["train_loss"], eager["train_loss"], rtol=1e-5, atol=0)
+    assert_close(compiled["val_loss"], eager["val_loss"], rtol=1e-5, atol=0)

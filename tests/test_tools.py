@@ -1,0 +1,44 @@
+"""The tools a person runs by hand, run on the CPU: tools/gpu_check.py (at the tiny shape) and the
+memory arithmetic of tools/activation_memory.py."""
+import json
+import math
+import os
+import sys
+
+import torch
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import activation_memory  # noqa: E402
+import gpu_check  # noqa: E402
+from model import ATTENTION_VARIANTS, GPT, GPTConfig  # noqa: E402
+
+
+def test_gpu_check_runs_on_the_cpu_at_the_tiny_shape(tmp_path, capsys):
+    out = tmp_path / "gpu_check.json"
+    rows, scripts = gpu_check.main(["--steps", "12", "--scripts", "01", "--out", str(out)])
+    assert "no CUDA here" in capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    assert saved["profile"] == "tiny" and [r["variant"] for r in saved["variants"]] == list(ATTENTION_VARIANTS)
+    assert all(r["tokens_per_s"] > 0 and math.isfinite(r["final_train_loss"]) for r in rows)
+    assert scripts["01"]["exit_code"] == 0
+
+
+def test_gpu_peaks_are_found_by_name():
+    assert gpu_check.peak_tflops("NVIDIA H100 80GB HBM3") == 989
+    assert gpu_check.peak_tflops("NVIDIA H100 PCIe") == 756
+    assert gpu_check.peak_tflops("Tesla T4") == 65
+    assert gpu_check.peak_tflops("NVIDIA A10G") == 70
+    assert gpu_check.peak_tflops("cpu") is None
+
+
+def test_saved_bytes_grow_with_the_window_and_the_probe_halves_to_fit():
+    model = GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32))
+    (short, once), (long, _) = (activation_memory.saved_bytes_per_window(model, T, torch.bfloat16) for T in (16, 64))
+    assert 4 * short <= long  # at least linear in T
+    assert once >= 2 * sum(p.numel() for p in model.parameters() if p.dim() == 2) - 2 * model.tok_emb.weight.numel()  # bf16 weights
+    fit = activation_memory.largest_fitting_micro_batch
+    assert fit(512, 0, 1e9, 600e9) == 512
+    assert fit(512, 0, 1e9, 100e9) == 64  # 0.9 x 100 GB holds 90 windows: the halving stops at 64
+    assert fit(512, 10e9, 1e9, 10e9) is None
