@@ -14,11 +14,12 @@ property and it becomes a sink too:
 The main reading of the amplification. The paper's chain starts at the aggregation output that
 feeds the first FFN unit firing on token 0 (the token-0 unit, found by its activations as in
 02). That unit reads the attention output of its own block and of every block before it, and
-nothing later; so the main reading edits hook_head_out (o_{t,h}, before W_O) in layers 0 up to
-the unit's layer (--amplify_layers overrides), with mu = x_k's mean over the windows, per head
-and dimension: the variance across sequences of 01 and of the paper's Fig. 1, the one token 0
-has by position. Editing every layer would also rewrite the late layers' keys and values, where
-token 0's variance plays no part. Two controls give x_k the same norm:
+nothing later; so the main reading edits the input of W_O (hook_head_out_post: in the softmax
+models 04 studies, the head outputs o_{t,h} themselves) in layers 0 up to the unit's layer
+(--amplify_layers overrides), with mu = x_k's mean over the windows, per head and dimension: the
+variance across sequences of 01 and of the paper's Fig. 1, the one token 0 has by position.
+Editing every layer would also rewrite the late layers' keys and values, where token 0's
+variance plays no part. Two controls give x_k the same norm:
   - scale: x_k times a scalar (per window and head). This keeps its direction, but it also
     multiplies its variance across windows by the scalar squared;
   - shift: x_k plus one vector along its mean direction, the same in every window. This leaves
@@ -26,14 +27,25 @@ token 0's variance plays no part. Two controls give x_k the same norm:
 The other readings are printed beside it at the largest lambda: the edit in layer 0 only and
 in all layers, and mu over the window's positions instead of over windows.
 
+The authors' reading (their notebook, attention_sink.ipynb), printed beside the main one and drawn
+as they draw Fig. 6: mu^(l) is layer l's mean value vector (hook_v) over about 50,000 random
+tokens; the edit acts on the input of W_O in every layer l below L_obs, and the score is the
+attention to k at layer L_obs alone (mean over heads and queries t > k), for lambda in 1..30.
+L_obs is the first sink layer by 01's rule (mean attention to token 0 >= 0.3), from layer 1 on
+(there must be a layer below it); without a sink, the layer of the most attention to token 0;
+--observe_layer overrides. The controls run the same way. The verdict uses the main reading.
+
 Setup: 64 held-out windows (16 for a pretrained model); k = 10 (or the middle of a shorter
 window) from --k. The mask acts in layers --from_layer .. last (default 0). An edit at the
 output of layer i can only change the keys of layers after it, so attention to k is averaged
 over heads and the layers after the first edited one. The super neuron is the FFN unit of the
 early layers with the largest W_gate / W_up row-norm z-score (as in 02). A small model may show
-none of this; the script prints its numbers and says so.
+none of this; the script prints its numbers and says so. Each pass is reduced as it runs to what
+the script prints (attention received per position, entropy, ...): no (N, H, T, T) pattern
+outlives its layer, and a pass stops after the last block it reads.
 
 Run:  python 04_interventions.py [--quick] [--model smollm2-135m] [--k 10] [--from_layer 0] [--amplify_layers 0-1]
+            [--observe_layer 3]
       (figures and metrics.json in out/04_interventions/, or out/04_interventions/<model>/)
 
 Exercises (cpu profile; each takes minutes once the model is cached)
@@ -54,6 +66,7 @@ Exercises (cpu profile; each takes minutes once the model is cached)
 import matplotlib
 
 matplotlib.use("Agg")
+import math
 import os
 from functools import partial
 
@@ -61,54 +74,105 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from cli import N_WINDOWS, print_table, record, run_script, save_figure, script_parser, setup, studied_model, write_metrics
+from cli import N_WINDOWS, print_table, run_script, save_figure, script_parser, setup, studied_model, write_metrics
+from data import random_token_windows
 from measures import (MIN_LATER_QUERIES, SINK_THRESHOLD, attention_entropy_by_head, attention_received, dominance_ratio,
-                      early_layers, head_attention_received, row_norm_zscores, token0_argmax_unit, token0_unit,
-                      top_super_neuron)
+                      early_layers, first_token_attention, head_attention_received, row_norm_zscores,
+                      token0_argmax_unit, token0_unit, top_super_neuron)
 from model import InputError, self_only_mask
 
 LAMBDAS = (1, 2, 4, 8, 16, 32)
+AUTHORS_LAMBDAS = (1, 2, 5, 10, 15, 20, 25, 30)  # the authors' notebook's
 MU_OVER = ("windows", "positions")  # what mu is a mean over (see the docstring); the main reading: windows
+VALUES = "values on random tokens"  # the authors' mu: each layer's mean value vector over random tokens
+RANDOM_TOKENS = 50_000  # ... over about this many tokens, as in their notebook
+BELOW = "below L_obs"  # the authors' reading: the edit in every layer below L_obs, attention read at L_obs alone
+EDITED = "hook_head_out_post"  # the input of W_O; in the softmax models 04 studies, the head outputs o_{t,h}
 MASK_GAIN = 10  # ours: under the mask, k receives at least 10x its unmasked attention (the paper's Fig. 5 shows a peak)
 CONTROL_GAIN = 3  # ours: the variance arm gives k at least 3x what either control gives (the paper's controls stay flat)
+ARM_COLORS = {"variance": "tab:red", "scale control": "tab:gray", "shift control": "tab:blue"}
 
 
-# ----------------------------------------------------------------------------- measures
+# ----------------------------------------------------------------------------- passes, reduced as they run
 
-def attention_received_in(cache, layers, min_later=1):
-    """Attention received per position, averaged over `layers` -> (T,)."""
-    return torch.stack([attention_received(cache[f"blocks.{i}.attn.hook_pattern"], min_later) for i in layers]).mean(0)
+def reduced_pass(model, x, reducers, **hooks):
+    """One pass of x (N, T) without gradients in which each hook of `reducers` ({hook name: function}) is
+    reduced as it passes -> {hook name: function(its value)}: the value itself, an (N, H, T, T) pattern say,
+    is not kept. The pass stops after the last block it reads (nothing later can change those values), so
+    it never reaches lm_head. hooks: edit, mask, mask_layers, as GPT.hooks takes them."""
+    results = {}
+
+    def reduce_as_it_passes(name, reduce):
+        def hook(value):
+            results[name] = reduce(value.detach().float().cpu())  # on the CPU, as a recorded value would be
+            return value
+        return hook
+
+    last = max((int(name.split(".")[1]) for name in reducers), default=-1)  # every name is "blocks.{layer}...."
+    edits = {**hooks.pop("edit", {}), **{name: reduce_as_it_passes(name, f) for name, f in reducers.items()}}
+    with torch.no_grad(), model.hooks(edit=edits, **hooks):
+        h, T = model.tok_emb(x), x.shape[1]  # (N, T, C): GPT.forward's loop, up to block `last`
+        for block in model.blocks[:last + 1]:
+            h = block(h, model.rope_cos[:T], model.rope_sin[:T])
+    return results
+
+
+def layer_summary(pattern, k):
+    """One layer's attention (N, H, T, T) reduced to what 04 prints of it."""
+    return dict(received=attention_received(pattern),  # (T,)
+                received_seen=attention_received(pattern, MIN_LATER_QUERIES),  # (T,)
+                heads_on_k=int((head_attention_received(pattern, k) >= SINK_THRESHOLD).sum()),
+                entropy=float(attention_entropy_by_head(pattern, skip=(k,)).mean()),
+                to_token0=float(first_token_attention(pattern).mean()))  # what 01 reads a sink layer by
+
+
+def layer_mean(summaries, layers, key="received"):
+    """The mean over `layers` of one entry of their layer summaries, e.g. attention received (T,)."""
+    return torch.stack([summaries[i][key] for i in layers]).mean(0)
+
+
+def residual_at_k(resid, k):
+    """The stream entering the last layer (N, T, C) -> (dominance ratio at k, RMS at k over the mean RMS)."""
+    rms = resid.pow(2).mean(-1).sqrt()  # (N, T): what the next RMSNorm divides by
+    return float(dominance_ratio(resid[:, k]).mean()), float(rms[:, k].mean() / rms[:, 1:].mean())
 
 
 # ----------------------------------------------------------------------------- interventions
 
-def amplified(head_out, k, lam, mu_over="windows"):
-    """Token k's head outputs (B, H, T, hd) pushed away from their mean by lam; the rest unchanged.
-    mu_over "windows": x_k's mean over the B windows, per head and dimension (the across-sequence
-    variance of 01 and Fig. 1); "positions": the mean over the window's T positions."""
-    x_k = head_out[:, :, k]  # (B, H, hd)
-    mu = x_k.mean(dim=0, keepdim=True) if mu_over == "windows" else head_out.mean(dim=2)  # (1 or B, H, hd)
+def mean_of(head_out, k, mu):
+    """The mean that amplification pushes token k's head outputs (B, H, T, hd) away from, (1 or B, H, hd).
+    mu "windows": x_k's mean over the B windows, per head and dimension (the across-sequence variance of 01
+    and Fig. 1); "positions": the mean over each window's T positions; a tensor (H, hd): that mean itself
+    (the authors' mean value vector of the layer)."""
+    if torch.is_tensor(mu):
+        return mu.to(head_out)
+    return head_out[:, :, k].mean(dim=0, keepdim=True) if mu == "windows" else head_out.mean(dim=2)
+
+
+def amplified(head_out, k, lam, mu="windows"):
+    """Token k's head outputs (B, H, T, hd) pushed away from their mean (see mean_of) by lam; the rest unchanged."""
+    x_k, mu = head_out[:, :, k], mean_of(head_out, k, mu)  # (B, H, hd), (1 or B, H, hd)
     out = head_out.clone()
     out[:, :, k] = mu + lam * (x_k - mu)  # variance amplification: x_k <- mu + lambda (x_k - mu)
     return out
 
 
-def scale_control(head_out, k, lam, mu_over="windows"):
+def scale_control(head_out, k, lam, mu="windows"):
     """Control (a): x_k times the scalar that gives each window's head the norm `amplified` gives it.
     Its direction is kept; its variance across windows grows too, by that scalar squared."""
     x_k = head_out[:, :, k]  # (B, H, hd)
-    target_norm = amplified(head_out, k, lam, mu_over)[:, :, k].norm(dim=-1, keepdim=True)  # (B, H, 1)
+    target_norm = amplified(head_out, k, lam, mu)[:, :, k].norm(dim=-1, keepdim=True)  # (B, H, 1)
     out = head_out.clone()
     out[:, :, k] = x_k * (target_norm / x_k.norm(dim=-1, keepdim=True).clamp_min(1e-12))
     return out
 
 
-def shift_control(head_out, k, lam, mu_over="windows"):
+def shift_control(head_out, k, lam, mu="windows"):
     """Control (b): x_k + c d, with d the direction of x_k's mean over the windows and c one number
     per head, the same in every window, so the variance across windows does not change at all;
     c gives x_k the mean squared norm over windows that `amplified` gives it."""
     x_k = head_out[:, :, k]  # (B, H, hd)
-    target = amplified(head_out, k, lam, mu_over)[:, :, k].pow(2).sum(-1).mean(0)  # (H,)
+    target = amplified(head_out, k, lam, mu)[:, :, k].pow(2).sum(-1).mean(0)  # (H,)
     mean = x_k.mean(dim=0)  # (H, hd)
     d = mean / mean.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     # mean_b |x_b + c d|^2 = mean_b |x_b|^2 + 2 c |mean| + c^2: the root c >= -|mean| of "= target"
@@ -122,17 +186,76 @@ def shift_control(head_out, k, lam, mu_over="windows"):
 ARMS = {"variance": amplified, "scale control": scale_control, "shift control": shift_control}
 
 
+# ----------------------------------------------------------------------------- the steps, each on (model, x)
+
 def find_super_neuron(model, x):
     """The FFN unit of the early layers whose W_gate and W_up rows have the largest mean norm z-score
     (paper Fig. 8), cross-checked by Yu et al. (2024): the unit with the largest mean |activation|
-    on token 0 in that layer."""
+    on token 0 in that layer; and its mean activation on token 0."""
     layer, unit = top_super_neuron(model)
     z_gate, z_up = row_norm_zscores(model.blocks[layer].mlp)
     best = dict(layer=layer, unit=unit, gate_norm_z=float(z_gate[unit]), up_norm_z=float(z_up[unit]))
-    hidden = record(model, x, f"blocks.{best['layer']}.mlp.hook_hidden")[f"blocks.{best['layer']}.mlp.hook_hidden"]
-    best["activation_argmax_unit"] = token0_argmax_unit(hidden)  # hidden (N, T, ffn)
+    hook = f"blocks.{layer}.mlp.hook_hidden"
+    token0 = reduced_pass(model, x, {hook: lambda hidden: hidden[:, :1].clone()})[hook]  # (N, 1, ffn)
+    best["activation_argmax_unit"] = token0_argmax_unit(token0)
     best["agree"] = best["activation_argmax_unit"] == best["unit"]
+    best["activation_token0"] = float(token0[:, 0, unit].mean())
     return best
+
+
+def mask_intervention(model, x, k, from_layer):
+    """The baseline pass and the masked one (token k attends only to itself in layers from_layer..last)
+    -> (baseline, masked, chain): a layer_summary per layer for each pass, and the chain at k: the token-0
+    unit (found by its activations in the baseline) and its |activation| at k in both passes."""
+    n_layer, T = model.config.n_layer, x.shape[1]
+    patterns = {f"blocks.{i}.attn.hook_pattern": partial(layer_summary, k=k) for i in range(n_layer)}
+    early = {i: f"blocks.{i}.mlp.hook_hidden" for i in early_layers(n_layer)}
+    baseline = reduced_pass(model, x, {**patterns, **{name: lambda hidden: hidden for name in early.values()}})
+    hidden = {i: baseline.pop(name) for i, name in early.items()}  # (N, T, ffn) each
+    layer, unit, ratio = token0_unit(hidden)
+    chain = dict(layer=layer, unit=unit, token0_ratio=ratio, at_token0=float(hidden[layer][:, 0, unit].abs().mean()),
+                 at_k_unmasked=float(hidden[layer][:, k, unit].abs().mean()))
+    del hidden  # released before the next pass
+    unit_at_k = {early[layer]: lambda hidden: float(hidden[:, k, unit].abs().mean())}
+    masked = reduced_pass(model, x, {**patterns, **unit_at_k}, mask=self_only_mask(T, k, x.device),
+                          mask_layers=range(from_layer, n_layer))
+    chain["at_k_masked"] = masked.pop(early[layer])
+    return [baseline[name] for name in patterns], [masked[name] for name in patterns], chain
+
+
+def observe_layer(to_token0):
+    """L_obs of the authors' reading from each layer's mean attention to token 0 -> (layer, why): the first
+    sink layer by 01's rule (attention to token 0 >= SINK_THRESHOLD) from layer 1 on, as the reading edits
+    the layers below it; without one, the layer of the most attention to token 0 (01's Fig. 13 fallback)."""
+    sink = next((i for i, a in enumerate(to_token0) if i >= 1 and a >= SINK_THRESHOLD), None)
+    if sink is not None:
+        return sink, "the first sink layer"
+    return 1 + int(np.argmax(to_token0[1:])), "no sink: the most attention to token 0"
+
+
+def value_means(model, x, layers, batch=N_WINDOWS):
+    """The authors' mu^(l): each layer's mean value vector (hook_v) over every token of x (N, T), read
+    `batch` windows at a time -> {layer: (H, hd)}."""
+    hooks = {i: f"blocks.{i}.attn.hook_v" for i in layers}
+    sums = [reduced_pass(model, chunk, {name: lambda v: v.sum(dim=(0, 2)) for name in hooks.values()})
+            for chunk in x.split(batch)]  # (B, H, T, hd) -> (H, hd) per chunk
+    return {i: sum(s[name] for s in sums) / x.numel() for i, name in hooks.items()}
+
+
+def amplified_pass(model, x, k, arm, lam, layers, observed, mu="windows", probes=None):
+    """One pass with `arm` editing token k's input of W_O in `layers` (mu: "windows", "positions", or the
+    authors' {layer: (H, hd)}) -> (attention to k, mean over heads and the `observed` layers; {hook: result}
+    of the `probes` ({hook: function}), read in the same pass)."""
+    edits = {f"blocks.{i}.attn.{EDITED}": partial(arm, k=k, lam=lam, mu=mu[i] if isinstance(mu, dict) else mu)
+             for i in layers}
+    patterns = {f"blocks.{i}.attn.hook_pattern": attention_received for i in observed}  # (T,) each
+    out = reduced_pass(model, x, {**patterns, **(probes or {})}, edit=edits)
+    return float(torch.stack([out.pop(name) for name in patterns]).mean(0)[k]), out
+
+
+def reading(readings, where, mu):
+    """{arm: attention to k by lambda} of the reading named (where, mu)."""
+    return {r["arm"]: r["attention_to_k"] for r in readings if (r["where"], r["mu"]) == (where, mu)}
 
 
 # ----------------------------------------------------------------------------- figures
@@ -150,23 +273,38 @@ def plot_mask(baseline, masked, k, path):
     save_figure(fig, path)
 
 
-def plot_amplification(readings, k, path):
+def plot_amplification(readings, main_where, k, path):
     """Small multiples: one panel per place of the edit; attention to k against lambda, one line per arm
     and mean (a reading measured at the largest lambda only is a single point)."""
     wheres = list(dict.fromkeys(r["where"] for r in readings))
     fig, axes = plt.subplots(1, len(wheres), figsize=(4.5 * len(wheres), 4), sharey=True, squeeze=False)
-    colors = {"variance": "tab:red", "scale control": "tab:gray", "shift control": "tab:blue"}
     for ax, where in zip(axes[0], wheres):
         for r in (r for r in readings if r["where"] == where):
-            ax.plot(r["lambdas"], r["attention_to_k"], "o-" if r["mu"] == "windows" else "s--", color=colors[r["arm"]],
-                    alpha=1.0 if r["mu"] == "windows" else 0.5, label=f"{r['arm']}, mu over {r['mu']}")
+            ax.plot(r["lambdas"], r["attention_to_k"], "o-" if r["mu"] == "windows" else "s--",
+                    color=ARM_COLORS[r["arm"]], alpha=1.0 if r["mu"] == "windows" else 0.5,
+                    label=f"{r['arm']}, mu over {r['mu']}")
         ax.axhline(SINK_THRESHOLD, color="black", linewidth=0.5, linestyle=":", label=f"Gu et al.'s {SINK_THRESHOLD}")
         ax.set(xscale="log", xlabel="λ", xticks=LAMBDAS, xticklabels=[str(lam) for lam in LAMBDAS], xlim=(0.8, 40),
-               title=f"edit in {where}" + (" (main)" if readings[0]["where"] == where else ""))
+               title=f"edit in {where}" + (" (main)" if where == main_where else ""))
         ax.minorticks_off()
     axes[0][0].set_ylabel(f"mean attention received by token {k}")
     axes[0][-1].legend(fontsize=7)
     fig.suptitle(f"Fig. 6 / 20: variance amplification at k = {k} and two controls at the same norm")
+    save_figure(fig, path)
+
+
+def plot_authors_reading(by_arm, k, observe, path):
+    """Fig. 6 as the authors draw it: attention to k at L_obs against lambda (linear), one line per arm."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for arm, attention in by_arm.items():
+        ax.plot(AUTHORS_LAMBDAS, attention, "o-", color=ARM_COLORS[arm],
+                label="variance amplification" if arm == "variance" else arm)
+    ax.text(0.03, 0.95, r"for $l < L_{obs}$: $o^{(l)} \leftarrow \mu^{(l)} + \lambda\,(o^{(l)} - \mu^{(l)})$",
+            transform=ax.transAxes, va="top", bbox=dict(facecolor="wheat", alpha=0.5))
+    ax.set(xlabel="λ (applied to the layers below L_obs)", ylabel=f"attention to token {k} at layer {observe}",
+           ylim=(0, 1.05), xticks=AUTHORS_LAMBDAS, title=f"Fig. 6, the authors' reading: L_obs = layer {observe}")
+    ax.grid(linestyle="--", alpha=0.5)
+    ax.legend(loc="upper right")
     save_figure(fig, path)
 
 
@@ -183,6 +321,11 @@ def layer_range(text, n_layer):
     return layers
 
 
+def layers_name(layers):
+    """[0, 1, 2] -> 'layers 0-2'; [3] -> 'layer 3'."""
+    return f"layers {layers[0]}-{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}"
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None) -> dict:
@@ -191,8 +334,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--from_layer", type=int, default=0, help="mask in this layer and the later ones")
     parser.add_argument("--amplify_layers", default=None,
                         help="edit these layers' aggregation output, e.g. 0-1 (default: from 0 to the token-0 unit's layer)")
+    parser.add_argument("--observe_layer", type=int, default=None,
+                        help="L_obs of the authors' reading (default: the first sink layer from 1 on)")
     args = setup(parser.parse_args(argv), __file__)
-    model, x, _ = studied_model(args, N_WINDOWS)  # x: (N, T) held-out windows
+    model, x, bos = studied_model(args, N_WINDOWS)  # x: (N, T) held-out windows
     T, n_layer = x.shape[1], model.config.n_layer
     k = args.k if args.k is not None else (10 if T > 10 else T // 2)
     if not 1 <= k < T - 1:
@@ -200,65 +345,70 @@ def main(argv=None) -> dict:
                          "(token 0 already attends only to itself, and the last token has no later query)")
     if not 0 <= args.from_layer < n_layer - 1:
         raise InputError(f"--from_layer {args.from_layer}: choose 0..{n_layer - 2}, so that a later layer can see the change")
+    if args.observe_layer is not None and not 1 <= args.observe_layer < n_layer:
+        raise InputError(f"--observe_layer {args.observe_layer}: choose 1..{n_layer - 1}, so that a layer below it "
+                         "can be edited")
     masked_layers = list(range(args.from_layer, n_layer))
     measured = list(range(args.from_layer + 1, n_layer))  # the layers whose keys at k the intervention reaches
     neuron = find_super_neuron(model, x)
-    neuron_hook, last_input = f"blocks.{neuron['layer']}.mlp.hook_hidden", f"blocks.{n_layer - 1}.hook_resid_in"
-    early_hidden = [f"blocks.{i}.mlp.hook_hidden" for i in early_layers(n_layer)]
-    names = ["blocks.*.attn.hook_pattern", neuron_hook, last_input, *early_hidden]
 
     # Mask intervention: token k attends only to itself in masked_layers.
-    baseline = record(model, x, names)
-    masked = record(model, x, names, mask=self_only_mask(T, k, args.device), mask_layers=masked_layers)
-    received_baseline, received_masked = attention_received_in(baseline, measured), attention_received_in(masked, measured)
-    # The chain at k: does the unit that fires on token 0 (because token 0 cannot aggregate) fire at k once k cannot?
-    unit_layer, unit, unit_ratio = token0_unit({i: baseline[f"blocks.{i}.mlp.hook_hidden"] for i in early_layers(n_layer)})
-    unit_hook = f"blocks.{unit_layer}.mlp.hook_hidden"
-    token0_unit_chain = dict(layer=unit_layer, unit=unit, token0_ratio=unit_ratio,
-                             at_token0=float(baseline[unit_hook][:, 0, unit].abs().mean()),
-                             at_k_unmasked=float(baseline[unit_hook][:, k, unit].abs().mean()),
-                             at_k_masked=float(masked[unit_hook][:, k, unit].abs().mean()))
+    baseline, masked, token0_unit_chain = mask_intervention(model, x, k, args.from_layer)
+    received_baseline, received_masked = layer_mean(baseline, measured), layer_mean(masked, measured)
     sink = int(received_masked[1:].argmax()) + 1  # over positions >= 1
     sink_moved = sink == k and float(received_masked[k]) >= SINK_THRESHOLD  # the stricter reading: a layer mean
     # The paper's reading of Fig. 5: k becomes the peak of attention received, among the positions that at
     # least MIN_LATER_QUERIES later queries see (1 .. T - m), and receives MASK_GAIN times its unmasked share.
-    peak = int(attention_received_in(masked, measured, MIN_LATER_QUERIES)[1:].argmax()) + 1
+    peak = int(layer_mean(masked, measured, "received_seen")[1:].argmax()) + 1
     peak_moved = peak == k and float(received_masked[k]) >= MASK_GAIN * float(received_baseline[k])
-    heads_on_k = int(sum((head_attention_received(masked[f"blocks.{i}.attn.hook_pattern"], k) >= SINK_THRESHOLD).sum()
-                         for i in measured))
-    entropy = {name: [float(attention_entropy_by_head(cache[f"blocks.{i}.attn.hook_pattern"], skip=(k,)).mean())
-                      for i in range(n_layer)]
-               for name, cache in (("baseline", baseline), ("masked", masked))}
+    heads_on_k = sum(masked[i]["heads_on_k"] for i in measured)
+    entropy = {"baseline": [s["entropy"] for s in baseline], "masked": [s["entropy"] for s in masked]}
+    to_token0 = [s["to_token0"] for s in baseline]
 
-    # Variance amplification and its two controls at the aggregation output of token k (hook_head_out).
+    # Variance amplification and its two controls at the input of W_O of token k.
     # Main reading: the layers up to the token-0 unit's, mu over windows (the docstring says why).
-    main_layers = layer_range(args.amplify_layers, n_layer) if args.amplify_layers else list(range(unit_layer + 1))
-    main_where = f"layers {main_layers[0]}-{main_layers[-1]}" if len(main_layers) > 1 else f"layer {main_layers[0]}"
+    main_layers = layer_range(args.amplify_layers, n_layer) if args.amplify_layers else list(range(token0_unit_chain["layer"] + 1))
+    main_where = layers_name(main_layers)
     wheres = {}  # layers -> name, the main reading first, without repeats
     for where, layers in ((main_where, main_layers), ("layer 0", [0]), ("all layers", list(range(n_layer)))):
         wheres.setdefault(tuple(layers), where)
-    readings, neuron_at_k, dominance_at_k, rms_ratio_at_k = [], {}, {}, {}
-    for layers, where in wheres.items():
-        for mu_over in MU_OVER:
-            is_main = (where, mu_over) == (main_where, "windows")
-            lambdas = LAMBDAS if is_main else LAMBDAS[-1:]  # the other readings at the largest lambda only (CPU time)
-            affected = range(layers[0] + 1, n_layer)  # the layers whose keys at k the edit reaches
-            for arm, edit in ARMS.items():
-                attention = []
-                for lam in lambdas:
-                    edits = {f"blocks.{i}.attn.hook_head_out": partial(edit, k=k, lam=lam, mu_over=mu_over) for i in layers}
-                    cache = record(model, x, names, edit=edits)
-                    attention.append(float(attention_received_in(cache, affected)[k]))
-                    if is_main:  # the referee's controls: the super neuron, the dominance and the RMS at k
-                        resid = cache[last_input]  # (N, T, C): the stream entering the last layer
-                        neuron_at_k.setdefault(arm, []).append(float(cache[neuron_hook][:, k, neuron["unit"]].mean()))
-                        dominance_at_k.setdefault(arm, []).append(float(dominance_ratio(resid[:, k]).mean()))
-                        rms = resid.pow(2).mean(-1).sqrt()  # (N, T): what the next RMSNorm divides by
-                        rms_ratio_at_k.setdefault(arm, []).append(float(rms[:, k].mean() / rms[:, 1:].mean()))
-                readings.append(dict(where=where, layers=list(layers), mu=mu_over, arm=arm, lambdas=list(lambdas),
-                                     attention_to_k=attention))
-    at_top = {r["arm"]: r["attention_to_k"][-1] for r in readings[:len(ARMS)]}  # the main reading, largest lambda
+    # Each reading: (where, the edited layers, mu, the layers whose attention to k is read, lambdas). Ours read
+    # the layers whose keys at k the edit reaches; all but the main one at the largest lambda only (CPU time).
+    plan = [(where, list(layers), mu, list(range(layers[0] + 1, n_layer)),
+             LAMBDAS if (where, mu) == (main_where, "windows") else LAMBDAS[-1:])
+            for layers, where in wheres.items() for mu in MU_OVER]
+    # The authors' reading: mu from the values of the layers below L_obs on random tokens, attention at L_obs alone.
+    if args.observe_layer is None:
+        observe, observe_why = observe_layer(to_token0)
+    else:
+        observe, observe_why = args.observe_layer, "--observe_layer"
+    vocabulary = 256 if args.model == "trained" else model.config.vocab_size  # bytes, or the pretrained vocabulary
+    x_random = random_token_windows(math.ceil(RANDOM_TOKENS / T), T, bos, torch.Generator().manual_seed(args.seed + 1),
+                                    vocabulary).to(args.device)  # (RANDOM_TOKENS / T rounded up, T)
+    means = value_means(model, x_random, range(observe))
+    plan.append((BELOW, list(range(observe)), VALUES, [observe], AUTHORS_LAMBDAS))
+    neuron_hook, last_input = f"blocks.{neuron['layer']}.mlp.hook_hidden", f"blocks.{n_layer - 1}.hook_resid_in"
+    probes = {neuron_hook: lambda hidden: float(hidden[:, k, neuron["unit"]].mean()),  # the referee's controls
+              last_input: partial(residual_at_k, k=k)}
+    readings, probed = [], {arm: [] for arm in ARMS}
+    for where, layers, mu, observed, lambdas in plan:
+        is_main = (where, mu) == (main_where, "windows")
+        for arm, edit in ARMS.items():
+            attention = []
+            for lam in lambdas:
+                score, out = amplified_pass(model, x, k, edit, lam, layers, observed, means if mu == VALUES else mu,
+                                            probes if is_main else None)
+                attention.append(score)
+                if is_main:
+                    probed[arm].append(out)
+            readings.append(dict(where=where, layers=layers, mu=mu, observed=observed, arm=arm, lambdas=list(lambdas),
+                                 attention_to_k=attention) | ({"observe_layer": observe} if where == BELOW else {}))
+    main_reading, authors = reading(readings, main_where, "windows"), reading(readings, BELOW, VALUES)
+    at_top = {arm: attention[-1] for arm, attention in main_reading.items()}  # the main reading, largest lambda
     beats_controls = at_top["variance"] >= CONTROL_GAIN * max(at_top["scale control"], at_top["shift control"])
+    neuron_at_k = {arm: [out[neuron_hook] for out in outs] for arm, outs in probed.items()}
+    dominance_at_k = {arm: [out[last_input][0] for out in outs] for arm, outs in probed.items()}
+    rms_ratio_at_k = {arm: [out[last_input][1] for out in outs] for arm, outs in probed.items()}
 
     metrics = {
         "n_windows": len(x), "k": k, "from_layer": args.from_layer,
@@ -269,23 +419,28 @@ def main(argv=None) -> dict:
         "mask_peak": peak, "mask_peak_moved_to_k": peak_moved, "mask_min_later_queries": MIN_LATER_QUERIES,
         "mask_heads_on_k": heads_on_k, "mask_heads_measured": len(measured) * model.config.n_head,
         "entropy_by_layer_baseline": entropy["baseline"], "entropy_by_layer_masked": entropy["masked"],
+        "attention_to_token0_by_layer": to_token0,
         "lambdas": list(LAMBDAS),
         "amplification_main": dict(where=main_where, layers=main_layers, mu="windows"),
+        "amplification_authors": dict(where=BELOW, layers=list(range(observe)), mu=VALUES, observe_layer=observe,
+                                      observe_layer_rule=observe_why, random_tokens=x_random.numel(),
+                                      lambdas=list(AUTHORS_LAMBDAS)),
         "amplification_readings": readings,
-        "attention_to_k_variance": readings[0]["attention_to_k"],  # the main reading, by lambda
-        "attention_to_k_scale_control": readings[1]["attention_to_k"],
-        "attention_to_k_shift_control": readings[2]["attention_to_k"],
+        "attention_to_k_variance": main_reading["variance"],  # the main reading, by lambda
+        "attention_to_k_scale_control": main_reading["scale control"],
+        "attention_to_k_shift_control": main_reading["shift control"],
         "amplification_beats_controls": beats_controls,
         "super_neuron": neuron,
         "token0_unit": token0_unit_chain,
-        "superneuron_activation_token0": float(baseline[neuron_hook][:, 0, neuron["unit"]].mean()),
         "superneuron_activation_at_k": neuron_at_k,
         "dominance_ratio_at_k": dominance_at_k,
         "rms_ratio_at_k": rms_ratio_at_k,
     }
     write_metrics(metrics, args.script_dir)
     plot_mask(received_baseline.numpy(), received_masked.numpy(), k, os.path.join(args.script_dir, "fig5_mask_intervention.png"))
-    plot_amplification(readings, k, os.path.join(args.script_dir, "fig6_variance_amplification.png"))
+    plot_amplification([r for r in readings if r["where"] != BELOW], main_where, k,
+                       os.path.join(args.script_dir, "fig6_variance_amplification.png"))
+    plot_authors_reading(authors, k, observe, os.path.join(args.script_dir, "fig6_authors_reading.png"))
 
     print(f"{args.subject}, {len(x)} held-out windows of {T} tokens; masked in layers {masked_layers}, "
           f"attention averaged over layers {measured} and their heads")
@@ -297,16 +452,22 @@ def main(argv=None) -> dict:
     print(f"\nsuper neuron: layer {neuron['layer']} unit {neuron['unit']} (row-norm z: W_gate {neuron['gate_norm_z']:.1f}, "
           f"W_up {neuron['up_norm_z']:.1f}); largest |activation| on token 0: unit {neuron['activation_argmax_unit']} "
           f"({'agrees' if neuron['agree'] else 'disagrees'}); its activation on token 0: "
-          f"{metrics['superneuron_activation_token0']:.3g}\n")
-    print(f"variance amplification, main reading: edit in {main_where} ("
+          f"{neuron['activation_token0']:.3g}\n")
+    print(f"variance amplification, main reading (the verdict's): edit in {main_where} ("
           + ("--amplify_layers" if args.amplify_layers else "up to the token-0 unit's layer") + "), mu over windows")
     print_table([[lam] + [neuron_at_k[arm][j] for arm in ARMS] + [dominance_at_k[arm][j] for arm in ARMS]
-                 + [r["attention_to_k"][j] for r in readings[:len(ARMS)]] for j, lam in enumerate(LAMBDAS)],
+                 + [main_reading[arm][j] for arm in ARMS] for j, lam in enumerate(LAMBDAS)],
                 ["λ", "neuron at k", "(scale)", "(shift)", "dominance at k", "(scale)", "(shift)",
                  "attention to k", "(scale)", "(shift)"])
-    print(f"\nattention to k = {k} at λ = {LAMBDAS[-1]}, every reading (baseline {float(received_baseline[k]):.3g})")
-    print_table([[r["where"], r["mu"], r["arm"], r["attention_to_k"][-1]] for r in readings],
-                ["edit in", "mu over", "arm", "attention to k"])
+    print(f"\nvariance amplification, the authors' reading (printed beside the main one, not the verdict's): edit in "
+          f"every layer below L_obs = {observe} ({observe_why}), mu = each layer's mean value vector over "
+          f"{x_random.numel()} random tokens; attention to k at layer {observe} alone")
+    print_table([[lam] + [authors[arm][j] for arm in ARMS] for j, lam in enumerate(AUTHORS_LAMBDAS)],
+                ["λ", "attention to k", "(scale)", "(shift)"])
+    print(f"\nattention to k = {k} at each reading's largest λ, every reading (baseline {float(received_baseline[k]):.3g})")
+    print_table([[r["where"], r["mu"], layers_name(r["observed"]), r["arm"], r["lambdas"][-1], r["attention_to_k"][-1]]
+                 for r in readings],
+                ["edit in", "mu over", "attention read in", "arm", "λ", "attention to k"])
     u = token0_unit_chain
     print(f"{args.subject}, the chain at k under the mask: the token-0 unit (layer {u['layer']} unit {u['unit']}, found by activation: "
           f"{u['token0_ratio']:.1f}x on token 0) gives |activation| {u['at_k_masked']:.3g} at k masked, "
@@ -320,12 +481,18 @@ def main(argv=None) -> dict:
           f"{heads_on_k} of {len(measured) * model.config.n_head} heads give k a mean attention >= {SINK_THRESHOLD}")
     print(f"{args.subject}, mask, stricter (Gu et al.'s threshold {SINK_THRESHOLD} on the layer mean): the sink "
           f"{'moves' if sink_moved else 'does not move'} to k = {k} (argmax {sink}, {float(received_masked[k]):.3g} received)")
+    top = {arm: attention[-1] for arm, attention in authors.items()}
+    print(f"{args.subject}, amplification as the authors read it (below L_obs = {observe}, attention at layer {observe} "
+          f"alone; not the verdict's reading): attention to k {authors['variance'][0]:.3g} at λ = 1, at λ = "
+          f"{AUTHORS_LAMBDAS[-1]} {top['variance']:.3g} (variance) vs {top['scale control']:.3g} (scale control) and "
+          f"{top['shift control']:.3g} (shift control); "
+          + ("a sink at k" if top["variance"] >= SINK_THRESHOLD else "no sink at k") + f" (Gu et al.'s {SINK_THRESHOLD})")
     gain_over_controls = at_top["variance"] / max(at_top["scale control"], at_top["shift control"], 1e-12)
-    print(f"{args.subject}, amplification at λ = {LAMBDAS[-1]} (main reading, {main_where}, mu over windows): attention to "
-          f"k {at_top['variance']:.3g} (variance) vs {at_top['scale control']:.3g} (scale control) and "
-          f"{at_top['shift control']:.3g} (shift control), {gain_over_controls:.1f}x the larger control (ours: at least "
-          f"{CONTROL_GAIN}x) -> " + ("variance, not norm, moves attention to k" if beats_controls else
-                                    "variance and norm are not separated here")
+    print(f"{args.subject}, amplification at λ = {LAMBDAS[-1]} (main reading, the verdict's: {main_where}, mu over "
+          f"windows): attention to k {at_top['variance']:.3g} (variance) vs {at_top['scale control']:.3g} (scale "
+          f"control) and {at_top['shift control']:.3g} (shift control), {gain_over_controls:.1f}x the larger control "
+          f"(ours: at least {CONTROL_GAIN}x) -> " + ("variance, not norm, moves attention to k" if beats_controls else
+                                                   "variance and norm are not separated here")
           + "; " + ("a sink at k" if at_top["variance"] >= SINK_THRESHOLD else "no sink at k")
           + f" (Gu et al.'s {SINK_THRESHOLD} on the layer mean)")
     return metrics

@@ -26,7 +26,8 @@ KEYS = {
                          "lambdas", "attention_to_k_variance", "attention_to_k_scale_control",
                          "attention_to_k_shift_control", "amplification_readings", "amplification_main",
                          "entropy_by_layer_baseline", "entropy_by_layer_masked",
-                         "superneuron_activation_at_k", "dominance_ratio_at_k"],
+                         "superneuron_activation_at_k", "dominance_ratio_at_k", "amplification_authors",
+                         "attention_to_token0_by_layer"],
 }
 SCRIPTS = {"03_dimension_disparity": dimension_disparity, "04_interventions": interventions}
 
@@ -95,11 +96,29 @@ def test_quick_04_shapes_and_lambda_one_is_the_baseline(quick):
     assert {(main["where"], mu, arm) for mu in ("windows", "positions") for arm in interventions.ARMS} <= readings
 
 
+def test_quick_04_the_authors_reading_has_a_row_per_arm(quick):
+    metrics = quick[1]["04_interventions"]
+    k, observe = metrics["k"], metrics["amplification_authors"]["observe_layer"]
+    assert observe == 1  # the tiny profile's 2 layers: only layer 1 has a layer below it
+    rows = [r for r in metrics["amplification_readings"] if r["where"] == "below L_obs"]
+    assert [r["arm"] for r in rows] == list(interventions.ARMS)
+    for r in rows:
+        assert {"where", "mu", "arm", "attention_to_k", "observe_layer"} <= set(r)
+        assert r["mu"] == "values on random tokens" and r["observe_layer"] == observe and r["layers"] == [0]
+        assert r["lambdas"] == metrics["amplification_authors"]["lambdas"] == [1, 2, 5, 10, 15, 20, 25, 30]
+        assert len(r["attention_to_k"]) == 8
+        # layer 1 is also the only layer the mask part measures: at lambda = 1, its attention to k unedited
+        assert r["attention_to_k"][0] == pytest.approx(metrics["attention_received_baseline"][k], abs=1e-6)
+    assert metrics["amplification_authors"]["random_tokens"] >= interventions.RANDOM_TOKENS
+
+
 @pytest.mark.parametrize("flags", [["--k", "32"], ["--k", "-1"], ["--k", "0"], ["--from_layer", "1"],
-                                   ["--amplify_layers", "1-1"], ["--amplify_layers", "0-2"], ["--amplify_layers", "a"]])
-def test_04_bad_k_or_layer_is_an_input_error(tmp_path, flags):
-    with pytest.raises(InputError, match="--k|--from_layer|--amplify_layers"):
-        interventions.main(["--quick", "--out_dir", str(tmp_path)] + flags)
+                                   ["--amplify_layers", "1-1"], ["--amplify_layers", "0-2"], ["--amplify_layers", "a"],
+                                   ["--observe_layer", "0"], ["--observe_layer", "2"]])
+def test_04_bad_k_or_layer_is_an_input_error(quick, flags):
+    out, _ = quick  # its tiny model, trained once; nothing is written before the error
+    with pytest.raises(InputError, match="--k|--from_layer|--amplify_layers|--observe_layer"):
+        interventions.main(["--quick", "--out_dir", str(out)] + flags)
 
 
 # ----------------------------------------------------------------------------- measures, known answers
@@ -154,9 +173,11 @@ def test_the_masked_query_does_not_count_in_what_k_receives():
 
 # ----------------------------------------------------------------------------- interventions
 
-@pytest.mark.parametrize("mu_over", ["windows", "positions"])
+@pytest.mark.parametrize("mu_over", ["windows", "positions", "a tensor (H, hd)"])
 def test_amplification_and_its_two_controls(mu_over):
     head_out, k, lam = torch.randn(6, 2, 8, 4) + 0.5, 5, 8.0  # (B, H, T, hd), with a mean that is not 0
+    given = torch.randn(2, 4)  # (H, hd): a mean given from outside, as the authors' mean value vector
+    mu_over = given if mu_over == "a tensor (H, hd)" else mu_over
     for edit in interventions.ARMS.values():
         assert_close(edit(head_out, k, 1.0, mu_over), head_out, rtol=0, atol=1e-5)
     x_k = head_out[:, :, k]  # (B, H, hd)
@@ -166,7 +187,7 @@ def test_amplification_and_its_two_controls(mu_over):
     others = [t for t in range(8) if t != k]
     for edited in (amplified, scaled, shifted):
         assert torch.equal(edited[:, :, others], head_out[:, :, others])  # only token k changes
-    mu = x_k.mean(0, keepdim=True) if mu_over == "windows" else head_out.mean(dim=2)
+    mu = given if torch.is_tensor(mu_over) else x_k.mean(0, keepdim=True) if mu_over == "windows" else head_out.mean(dim=2)
     assert_close(amplified[:, :, k] - mu, lam * (x_k - mu))  # the deviation grows by lambda
     # scale: each window's norm matched, direction kept
     assert_close(scaled[:, :, k].norm(dim=-1), amplified[:, :, k].norm(dim=-1))
@@ -175,8 +196,8 @@ def test_amplification_and_its_two_controls(mu_over):
     # shift: the mean squared norm over windows matched, the variance across windows unchanged
     assert_close(shifted[:, :, k].pow(2).sum(-1).mean(0), amplified[:, :, k].pow(2).sum(-1).mean(0))
     assert_close(shifted[:, :, k].var(dim=0), x_k.var(dim=0))
-    if mu_over == "windows":  # with mu over windows the variance across windows grows by lambda squared
-        assert_close(amplified[:, :, k].var(dim=0), lam ** 2 * x_k.var(dim=0))
+    if not isinstance(mu_over, str) or mu_over == "windows":  # mu the same in every window: the variance across
+        assert_close(amplified[:, :, k].var(dim=0), lam ** 2 * x_k.var(dim=0))  # windows grows by lambda squared
 
 
 def test_layer_range_of_amplify_layers():
@@ -214,3 +235,30 @@ def test_find_super_neuron_finds_a_planted_one(tiny_config):
     neuron = interventions.find_super_neuron(model, torch.randint(256, (4, 16)))
     assert (neuron["layer"], neuron["unit"]) == (1, 13)
     assert neuron["gate_norm_z"] > 3 and neuron["up_norm_z"] > 3
+
+
+def test_observe_layer_is_the_first_sink_layer_from_layer_1_on():
+    assert interventions.observe_layer([0.9, 0.1, 0.5, 0.4])[0] == 2  # a sink in layer 0 has nothing below it
+    assert interventions.observe_layer([0.2, 0.05, 0.1, 0.07])[0] == 2  # no sink: the most attention to token 0
+
+
+def test_the_authors_edit_acts_below_the_observed_layer_only(tiny_config):
+    model, k = GPT(tiny_config).eval(), 5
+    with torch.no_grad():  # larger weights than at init: attention far from uniform, so that an edit shows
+        for weight in (p for p in model.parameters() if p.dim() == 2):
+            weight.normal_(0, 0.5)
+    x, x_random = torch.randint(256, (4, 16)), torch.randint(256, (10, 16))
+    means = interventions.value_means(model, x_random, [0], batch=3)  # windows 3 + 3 + 3 + 1
+    values = record(model, x_random, "blocks.0.attn.hook_v")["blocks.0.attn.hook_v"]  # (N, H, T, hd)
+    assert_close(means[0], values.mean(dim=(0, 2)))  # over every token of every window
+    patterns = record(model, x, "blocks.*.attn.hook_pattern")
+    for observe in (0, 1):  # as main() reads it: the edit in every layer below L_obs, attention at L_obs alone
+        unedited = float(attention_received(patterns[f"blocks.{observe}.attn.hook_pattern"])[k])
+        for arm in interventions.ARMS.values():
+            scores = [interventions.amplified_pass(model, x, k, arm, lam, list(range(observe)), [observe], means)[0]
+                      for lam in (1, 30)]
+            assert scores[0] == pytest.approx(unedited, abs=1e-6)  # lambda = 1: the model unedited
+            if observe == 0:  # nothing below layer 0: every lambda reads the same
+                assert scores[1] == scores[0]
+            else:
+                assert abs(scores[1] - scores[0]) > 0.01

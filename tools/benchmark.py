@@ -5,8 +5,11 @@
   softmax     our model, hooks off (fast path)
   recording   our model recording every hook point at every step
   headwise    our model with head-wise RMSNorm, hooks off
+  ..., compiled   with --compile: the reference, softmax and headwise under torch.compile (on CUDA
+              the training default), each compared with the compiled reference
 
-Usage: python tools/benchmark.py [--profile cpu] [--steps 30] [--device cpu]
+Usage: python tools/benchmark.py [--profile cpu] [--steps 30] [--device cpu] [--compile] [--batch N]
+       (the gpu shape on the CPU: --profile gpu --batch 4 --steps 3)
 Not a test: pytest does not collect it. Numbers go in README and the closing notes.
 """
 import argparse
@@ -88,25 +91,40 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="cpu")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=None, help="windows a step (default: the profile's)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compile", action="store_true", help="also each model under torch.compile (compile time apart)")
     args = parser.parse_args()
     device = pick_device(args.device)
     torch.manual_seed(0)
     model_cfg, train_cfg = profile_configs(args.profile)
-    x = torch.randint(256, (train_cfg.batch_size, model_cfg.block_size), device=device)
-    y = torch.randint(256, (train_cfg.batch_size, model_cfg.block_size), device=device)
-    ours = GPT(model_cfg).to(device)
-    headwise = GPT(profile_configs(args.profile, attn="headwise")[0]).to(device)
-    steps = {"reference": step_timer(ReferenceGPT(model_cfg).to(device), x, y, False),
-             "softmax": step_timer(ours, x, y, False),
-             "recording": step_timer(ours, x, y, True),
-             "headwise": step_timer(headwise, x, y, False)}
+    batch = args.batch or train_cfg.batch_size
+    x = torch.randint(256, (batch, model_cfg.block_size), device=device)
+    y = torch.randint(256, (batch, model_cfg.block_size), device=device)
+    models = {"reference": ReferenceGPT(model_cfg).to(device), "softmax": GPT(model_cfg).to(device),
+              "headwise": GPT(profile_configs(args.profile, "headwise")[0]).to(device)}
+    steps = {"reference": step_timer(models["reference"], x, y, False),
+             "softmax": step_timer(models["softmax"], x, y, False),
+             "recording": step_timer(models["softmax"], x, y, True),
+             "headwise": step_timer(models["headwise"], x, y, False)}
+    compile_seconds = {}
+    if args.compile:
+        for name, model in models.items():
+            compiled = torch.compile(model)
+            start = time.perf_counter()
+            step_timer(compiled, x, y, False)()  # the first step compiles
+            compile_seconds[name] = time.perf_counter() - start
+            steps[f"{name}, compiled"] = step_timer(compiled, x, y, False)
     speed = tokens_per_second(steps, x.numel(), args.steps)
-    print(f"profile {args.profile}: batch {train_cfg.batch_size} x T {model_cfg.block_size}, "
-          f"{sum(p.numel() for p in ours.parameters()) / 1e6:.2f}M parameters, {torch.get_num_threads()} threads")
+    print(f"profile {args.profile}: batch {batch} x T {model_cfg.block_size}, "
+          f"{sum(p.numel() for p in models['softmax'].parameters()) / 1e6:.2f}M parameters, {torch.get_num_threads()} threads")
     for name, tps in speed.items():
-        print(f"{name:>10}  {tps:9.0f} tokens/s  {tps / speed['reference']:.2f}x reference  "
-              f"{speed['softmax'] / tps:.2f}x the time of softmax")
+        base = "reference, compiled" if name.endswith("compiled") else "reference"
+        softmax = "softmax, compiled" if name.endswith("compiled") else "softmax"
+        print(f"{name:>20}  {tps:9.0f} tokens/s  {tps / speed[base]:.2f}x {base}  "
+              f"{speed[softmax] / tps:.2f}x the time of {softmax}")
+    for name, seconds in compile_seconds.items():
+        print(f"compiling {name}: {seconds:.0f} s (its first step)")
 
 
 if __name__ == "__main__":
