@@ -249,10 +249,12 @@ def test_an_error_on_one_rank_ends_the_others_in_seconds(tmp_path):
 
 # ----------------------------------------------------------------------------- torch.compile
 
-@pytest.mark.parametrize("attn", ["softmax", "sigmoid"])  # the fast path, and the explicit one compiled
-def test_a_compiled_training_gives_the_eager_losses(tiny_config, data, attn):
+def test_a_compiled_training_gives_the_eager_losses(tiny_config, data):
     """train(compile=True), as on CUDA by default, on the CPU: the same losses as eager within float32's
-    rounding (the compiled kernels sum in another order), and evaluation still runs the module itself."""
+    rounding (the compiled kernels sum in another order), and evaluation still runs the module itself.
+    Sigmoid: its explicit path (mask, bias, sigmoid) is the one that compiling fuses; one variant keeps
+    the fast suite's time (a first compilation takes tens of seconds on 2 cores)."""
+    attn = "sigmoid"
     cfg = TrainConfig(steps=4, batch_size=8, eval_interval=4, eval_windows=4)
     histories = []
     for compile in (False, True):
