@@ -96,6 +96,9 @@ DEFAULT_PROFILE = "cpu_bos"  # on the CPU: the recipe with a BOS sink for the fi
 AGGREGATION_LAYER = 0  # the layer whose aggregation output Fig. 23 shows
 LABELS = {"softmax": "baseline (softmax)", "sigmoid": "sigmoid", "headwise": "head-wise RMSNorm", "gated": "gated",
           "headwise_nodecay": "head-wise, gain not decayed", "headwise_ones": "head-wise, gain of ones"}
+# Head-wise RMSNorm's two choices, each as a paired difference of arms (ARMS in training.py): the first minus the second.
+HEAD_NORM_ABLATIONS = {"calibrated gain minus gain of ones": ("headwise_nodecay", "headwise_ones"),
+                       "gain decayed minus not decayed": ("headwise", "headwise_nodecay")}
 COLORS = {"softmax": "tab:red", "sigmoid": "tab:green", "headwise": "tab:blue", "gated": "tab:purple",
           "headwise_nodecay": "tab:cyan", "headwise_ones": "tab:olive"}
 
@@ -238,21 +241,29 @@ def mean_std_text(values):
     return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
+def paired_difference(a, b, j):
+    """a minus b at evaluation j, paired by seed (a, b: (seeds, evaluations)): {"mean", "low", "high"}."""
+    return dict(zip(("mean", "low", "high"), paired_interval(a[:, j], b[:, j])))
+
+
 def seed_study(val_steps, curves, variants):
     """Each fix against the baseline, paired by seed: the loss difference at the middle evaluation and
-    at the end with its 95 % t interval, and the steps each seed takes to reach its baseline's final loss."""
+    at the end with its 95 % t interval, and the steps each seed takes to reach its baseline's final loss;
+    the same differences between head-wise RMSNorm's arms (HEAD_NORM_ABLATIONS), where both were trained."""
     mid = len(val_steps) // 2
-    baseline = np.array(list(curves["softmax"].values()))  # (seeds, evaluations)
-    study = {"mid_step": val_steps[mid], "final_step": val_steps[-1], "by_variant": {}}
+    losses = {v: np.array(list(curves[v].values())) for v in variants}  # (seeds, evaluations) each
+    study = {"mid_step": val_steps[mid], "final_step": val_steps[-1], "by_variant": {}, "ablations": {}}
     for v in variants:
-        losses = np.array(list(curves[v].values()))
         study["by_variant"][v] = {
             "steps_to_baseline_final_by_seed": [steps_to_reach(val_steps, own, base[-1])
-                                                for own, base in zip(losses.tolist(), baseline.tolist())],
-            **({} if v == "softmax" else {
-                "minus_baseline_mid": dict(zip(("mean", "low", "high"), paired_interval(losses[:, mid], baseline[:, mid]))),
-                "minus_baseline_final": dict(zip(("mean", "low", "high"), paired_interval(losses[:, -1], baseline[:, -1])))}),
+                                                for own, base in zip(losses[v].tolist(), losses["softmax"].tolist())],
+            **({} if v == "softmax" else {"minus_baseline_mid": paired_difference(losses[v], losses["softmax"], mid),
+                                          "minus_baseline_final": paired_difference(losses[v], losses["softmax"], -1)}),
         }
+    for name, (a, b) in HEAD_NORM_ABLATIONS.items():
+        if a in variants and b in variants:
+            study["ablations"][name] = {"mid": paired_difference(losses[a], losses[b], mid),
+                                        "final": paired_difference(losses[a], losses[b], -1)}
     return study
 
 
@@ -293,6 +304,11 @@ def print_claims(metrics, variants):
               f"{max(dominance['softmax']):.2f}, min effective rank {min(rank['headwise']):.1f} vs "
               f"{min(rank['softmax']):.1f} (means over seeds) -> "
               + ("holds" if lower_dominance and higher_rank else "does not hold") + " here")
+    for name, pair in study["ablations"].items():
+        mid, end = pair["mid"], pair["final"]
+        print(f"  head-wise, {name}, paired: at step {study['mid_step']} {interval_text(mid)} -> "
+              f"{interval_verdict(mid['low'], mid['high'], 'faster', 'slower')}; at the end {interval_text(end)} -> "
+              f"{interval_verdict(end['low'], end['high'], 'lower', 'higher')}")
     print(f"  Fig. 13, baseline heads: Spearman rank correlation of entropy and output variance "
           f"{metrics['head_entropy_variance_spearman']:+.2f} (paper: negative, low entropy gives high variance)")
 

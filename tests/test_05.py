@@ -139,6 +139,19 @@ def test_steps_to_reach():
     assert pretrain.steps_to_reach(steps, losses, 0.5) is None
 
 
+def test_seed_study_pairs_the_head_norm_arms_by_seed():
+    """calibrated minus ones and decayed minus not decayed, seed by seed: a constant gap has no spread."""
+    ones = {"0": [3.0, 2.0, 1.5], "1": [3.2, 2.4, 1.9], "2": [3.1, 2.1, 1.6]}
+    shifted = lambda curves, d: {seed: [v + d for v in c] for seed, c in curves.items()}
+    curves = {"softmax": ones, "headwise_ones": ones, "headwise_nodecay": shifted(ones, -0.1),
+              "headwise": shifted(ones, -0.05)}
+    study = pretrain.seed_study([0, 10, 20], curves, list(curves))
+    calibrated, decayed = study["ablations"]["calibrated gain minus gain of ones"], study["ablations"]["gain decayed minus not decayed"]
+    assert calibrated["final"] == pytest.approx({"mean": -0.1, "low": -0.1, "high": -0.1})
+    assert decayed["mid"] == pytest.approx({"mean": 0.05, "low": 0.05, "high": 0.05})
+    assert pretrain.seed_study([0, 10, 20], curves, ["softmax", "headwise"])["ablations"] == {}
+
+
 # ----------------------------------------------------------------------------- claims_long: 05's studies over seeds
 
 OUT = os.path.join(ROOT, "out")  # shares the checkpoint cache with 01-04: seed 0 softmax is not trained again
