@@ -87,7 +87,9 @@ def apply_rope(x, cos, sin):
 
 
 class HookPoint(nn.Module):
-    """Identity at a point worth observing. `GPT.hooks` switches recording or editing on."""
+    """Identity at a point worth observing. `GPT.hooks` switches recording or editing on.
+    Unlike a torch forward hook, it is switched on by name for one `with` block, and it can replace
+    the value it sees. It skips nn.Module.__call__, so `register_forward_hook` on it never fires."""
 
     def __init__(self):
         super().__init__()
@@ -124,8 +126,13 @@ class CausalSelfAttention(nn.Module):
         # Sigmoid attention's fixed bias b = -log(T) (Ramapuram et al. 2024): at init each weight is about 1/T.
         self.sigmoid_bias = -math.log(config.block_size)
         self.custom_mask = None  # (T, T) bool, True where a query may attend; set by GPT.hooks
-        for name in ("q", "k", "v", "pattern", "head_out", "head_out_post", "out"):
-            setattr(self, f"hook_{name}", HookPoint())
+        self.hook_q = HookPoint()  # (B, H, T, hd) queries after RoPE
+        self.hook_k = HookPoint()  # (B, H, T, hd) keys after RoPE (grouped-query: repeated to H heads)
+        self.hook_v = HookPoint()  # (B, H, T, hd) values
+        self.hook_pattern = HookPoint()  # (B, H, T, T) attention weights A[t, s]; recording it takes the explicit path
+        self.hook_head_out = HookPoint()  # (B, H, T, hd) o_{t,h}: each head's value aggregation
+        self.hook_head_out_post = HookPoint()  # (B, H, T, hd) after head-wise RMSNorm or the gate: W_O's input
+        self.hook_out = HookPoint()  # (B, T, C) the attention branch's output, W_O o
 
     def forward(self, x, cos, sin):  # x: the block's normalised input (B, T, C)
         B, T, C = x.shape
