@@ -62,18 +62,18 @@ Exercises (cpu_bos profile; a new training takes 6 to 10 minutes on 2 cores, ana
        mkdir -p out_ln/checkpoints && cp out/checkpoints/cpu_bos-softmax-seed0-*.pt out_ln/checkpoints/
        python 05_pretrain_headwise.py --variants softmax,headwise --out_dir out_ln
      Compare `val_loss_final["headwise"]` and `first_token_attention_by_layer` with out/.
-  4. Changing code. A first trial without a sink (1500 steps) found head-wise 0.09 nats
-     worse than softmax and suspected the gain's initial value: with g_h = 1 the normalised
-     head output starts far larger than the baseline's. Measure the RMS of a fresh softmax
-     model's blocks.0.attn.hook_head_out, initialise `head_norm_gain` (model.py) at that
-     value, and rerun as in 3 (--out_dir out_gain). Does the gap in `val_loss_final` between
-     headwise and softmax close?
+  4. Predicting. Head-wise RMSNorm's gain starts at token 0's output scale (the authors' rule,
+     `calibrate_head_norm_gain` in model.py); the arm `headwise_ones` starts it at 1, as this
+     project once did, several times the scale of every head output at init. The seed study
+     (README) found the gain of ones 0.07 nats worse on the `cpu` recipe. Predict whether it also
+     keeps more sink heads on `cpu_bos`, then run `--variants softmax,headwise,headwise_ones` (one
+     more model) and compare `sink_rate_by_seed` and `val_loss_final`. (No check: a reading.)
   5. Predicting. Gu et al. find that a larger weight decay makes sinks stronger. Add
      weight_decay=0.5 to PROFILES["cpu_bos"]["train"] (training.py; a new config retrains by itself)
      and run `--variants softmax` (then weight_decay=0.0, if you have another 10 minutes).
      Predict, then compare with the default 0.1, the maxima of
      `first_token_attention_by_layer["softmax"]` and `dominance_ratio_token0_by_layer["softmax"]`.
-Checks for 1-4: `python -m pytest -m exercises tests/`.
+Checks for 1-3: `python -m pytest -m exercises tests/`.
 """
 import matplotlib
 
