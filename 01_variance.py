@@ -74,8 +74,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cli import (N_WINDOWS, layer_ticks, print_table, run_script, save_figure, script_parser, setup, studied_model,
-                 write_metrics)
+from cli import (N_WINDOWS, layer_ticks, plot_head_entropy, print_table, run_script, save_figure, script_parser, setup,
+                 studied_model, write_metrics)
 from data import random_token_windows
 from measures import (SINK_THRESHOLD, SPIKE_NORM_RATIO, attention_entropy_by_head, first_token_attention,
                       head_output_variance, norm_spike_layer, rank_correlation, row_normalized, sink_rate,
@@ -218,25 +218,6 @@ def plot_wo(layers, taus, taus_across, row_taus, post_ratio, path):
     save_figure(fig, path)
 
 
-def plot_head_entropy(entropy, variance, uniform_entropy, title, path):
-    """Fig. 13 for one layer: its heads sorted by attention entropy (bars), their output variance beside them."""
-    entropy, variance = np.asarray(entropy), np.asarray(variance)
-    order = np.argsort(entropy)
-    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(order)), 4))
-    ax.bar(range(len(order)), entropy[order], color="tab:blue", alpha=0.7)
-    ax.axhline(uniform_entropy, color="tab:blue", linestyle=":", label="uniform causal attention")
-    ax.set(xticks=range(len(order)), xticklabels=[f"H{h}" for h in order], xlabel="head, sorted by entropy",
-           ylabel="attention entropy (nats)", title=title)
-    ax.legend(loc="lower right", fontsize=8)
-    twin = ax.twinx()
-    twin.plot(range(len(order)), variance[order], "o-", color="tab:red")
-    twin.set(yscale="log")
-    twin.set_ylabel("head output variance", color="tab:red")
-    save_figure(fig, path)
-
-
-# ----------------------------------------------------------------------------- main
-
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
     args = setup(parser.parse_args(argv), __file__)
@@ -315,8 +296,8 @@ def main(argv=None) -> dict:
     shown = sink if sink is not None else int(np.argmax(attention))  # Fig. 13's layer
     why = "the first sink layer" if sink is not None else "no sink: most attention to token 0"
     uniform_entropy = float(np.mean([math.log(t + 1) for t in range(1, x.shape[1])]))  # rows t >= 1, uniform
-    plot_head_entropy(entropy[shown], head_variance[shown], uniform_entropy,
-                      f"Fig. 13: layer {shown} ({why})\nSpearman rho of entropy and variance {rho[shown]:+.2f}",
+    plot_head_entropy([f"H{h}" for h in range(len(entropy[shown]))], entropy[shown], head_variance[shown],
+                      uniform_entropy, f"Fig. 13: layer {shown} ({why})\nSpearman rho of entropy and variance {rho[shown]:+.2f}",
                       os.path.join(args.script_dir, "fig13_head_entropy_variance.png"))
 
     print(f"{args.subject}: next-token loss on the held-out windows {loss:.3f} nats "

@@ -84,7 +84,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from cli import N_WINDOWS, print_table, record, run_script, save_figure, script_parser, setup, write_metrics
+from cli import (N_WINDOWS, plot_head_entropy, print_table, record, run_script, save_figure, script_parser, setup,
+                 write_metrics)
 from measures import (SINK_THRESHOLD, attention_entropy_by_head, first_token_attention, head_output_variance,
                       interval_verdict, mean_effective_rank, paired_interval, rank_correlation, sink_rate,
                       token0_dominance_by_window, variance_by_position)
@@ -204,24 +205,6 @@ def plot_variance_by_position(after, before, path):
     axes[0].set_ylabel(f"variance within a token, layer {AGGREGATION_LAYER}")
     axes[0].legend()
     fig.suptitle("Fig. 23: position-wise variance of the aggregation output")
-    save_figure(fig, path)
-
-
-def plot_head_entropy(entropy, variance, uniform_entropy, path):
-    names = [f"L{i}H{h}" for i, layer in enumerate(entropy) for h in range(len(layer))]
-    entropy, variance = np.concatenate(entropy), np.concatenate(variance)
-    order = np.argsort(entropy)
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names)), 4))
-    ax.bar(range(len(order)), entropy[order], color="tab:blue", alpha=0.7)
-    ax.axhline(uniform_entropy, color="tab:blue", linestyle=":", label="uniform causal attention")
-    ax.set(xticks=range(len(order)), xlabel="baseline head (layer, head), sorted by entropy",
-           ylabel="attention entropy (nats)", title="Fig. 13: head entropy vs output variance (baseline)")
-    ax.set_xticklabels([names[j] for j in order], rotation=90)
-    ax.legend(loc="upper left")
-    twin = ax.twinx()
-    twin.plot(range(len(order)), variance[order], "o-", color="tab:red")
-    twin.set(yscale="log")
-    twin.set_ylabel("head output variance", color="tab:red")
     save_figure(fig, path)
 
 
@@ -410,8 +393,9 @@ def main(argv=None) -> dict:
                   reference=(model_cfg.n_embd, f"n_embd = {model_cfg.n_embd}"), first_label=stream)
     plot_variance_by_position(metrics["var_by_position_after_norm"], metrics["var_by_position"],
                               path("fig23_variance_by_position.png"))
-    plot_head_entropy(baseline["head_entropy"], baseline["head_output_variance"],
-                      float(np.mean([np.log(t + 1) for t in range(1, T)])), path("fig13_head_entropy_variance.png"))
+    head_names = [f"L{i}H{h}" for i, layer in enumerate(baseline["head_entropy"]) for h in range(len(layer))]
+    plot_head_entropy(head_names, entropy_flat, variance_flat, float(np.mean([np.log(t + 1) for t in range(1, T)])),
+                      "Fig. 13: head entropy vs output variance (baseline)", path("fig13_head_entropy_variance.png"))
 
     print(f"\n{args.profile} profile, {len(seeds)} seed(s) {seeds}, {train_cfg.steps} steps; measures on {N_WINDOWS} "
           f"held-out windows, mean over seeds (uniform attention to token 0: {uniform_attention:.3f})")

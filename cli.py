@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no window
 import matplotlib.pyplot as plt
+import numpy as np
 import torch
 
 from data import ByteData, held_out_tokens, load_corpus
@@ -132,6 +133,23 @@ def save_figure(fig, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_head_entropy(names, entropy, variance, uniform_entropy, title, path):
+    """Fig. 13: heads (named by `names`) sorted by attention entropy (bars), their output variance beside them."""
+    entropy, variance = np.asarray(entropy), np.asarray(variance)  # (heads,) each
+    order = np.argsort(entropy)
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(order)), 4))
+    ax.bar(range(len(order)), entropy[order], color="tab:blue", alpha=0.7)
+    ax.axhline(uniform_entropy, color="tab:blue", linestyle=":", label="uniform causal attention")
+    ax.set(xlabel="head, sorted by entropy", ylabel="attention entropy (nats)", title=title)
+    ax.set_xticks(range(len(order)), [names[j] for j in order], rotation=90)
+    ax.legend(loc="lower right", fontsize=8)
+    twin = ax.twinx()
+    twin.plot(range(len(order)), variance[order], "o-", color="tab:red")
+    twin.set(yscale="log")
+    twin.set_ylabel("head output variance", color="tab:red")
+    save_figure(fig, path)
 
 
 def write_metrics(metrics, folder):
