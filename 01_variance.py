@@ -24,7 +24,10 @@ What this script measures, on 64 held-out windows (16 for a pretrained model) an
   - the next-token loss on the held-out windows (for a pretrained model: the proof that it
     was read correctly, far below ln of its vocabulary size);
   - per layer: the mean attention to token 0 (queries t >= 1, all heads), and the L2 norm of
-    token 0's residual stream entering the block beside the others' mean (Fig. 3);
+    token 0's residual stream entering the block beside the others' mean (Fig. 3); Gu et al.'s
+    sink rate (measures.sink_rate: the share of (window, head) pairs whose mean attention to
+    token 0 over all queries is above 0.3), per layer and over all layers; the first sink
+    layer, the first whose sink rate is at least 0.5, and the first layer of the norm spike;
   - per layer: Kendall tau-b between the L2 norm of each W_O input column and token 0's
     per-dimension spread at the W_O input (within its token), and the same tau against the
     paper's reading: the variance of each of token 0's W_O-input dimensions across the
@@ -58,31 +61,30 @@ Exercises (cpu profile; each takes seconds once the model is cached)
      Which of the two readings in fig1's left panel falls off more like the dotted 1/(t+1)
      line, and why might text (bytes repeat within a window) fall short of the prediction?
   4. Changing code. Add a flag `--init_random_tokens` that adds a fourth case
-     "init_random_tokens" to `by_case`: the random-init model on the random-token windows
-     `x_random` (its metrics key is then `var_by_position_init_random_tokens`). Predict the
-     across-sequences variance at position 0 over its mean at t >= 1 for that case, run, and
-     compare with exercise 3: random bytes do not repeat the way text does.
+     "init_random_tokens" to `by_case` in `variance_discrepancy`: the random-init model on the
+     random-token windows `x_random` (its metrics key is then
+     `var_by_position_init_random_tokens`). Predict the across-sequences variance at position 0
+     over its mean at t >= 1 for that case, run, and compare with exercise 3: random bytes do
+     not repeat the way text does.
 """
-import matplotlib
-
-matplotlib.use("Agg")
 import math
-import os
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from cli import (N_WINDOWS, layer_ticks, plot_head_entropy, print_table, run_script, save_figure, script_parser, setup,
                  studied_model, write_metrics)
+import matplotlib.pyplot as plt  # after cli, which chooses matplotlib's file-only backend
 from data import random_token_windows
-from measures import (SINK_THRESHOLD, SPIKE_NORM_RATIO, attention_entropy_by_head, first_token_attention,
-                      head_output_variance, norm_spike_layer, rank_correlation, row_normalized, sink_rate,
+from measures import (SINK_LAYER_SHARE, SINK_THRESHOLD, SPIKE_NORM_RATIO, attention_entropy_by_head, first_sink_layer,
+                      first_token_attention, head_output_variance, norm_spike_layer, rank_correlation, sink_rate,
                       variance_by_position)
 from model import GPT
 
 CASE_TITLES = {"init": "random init, text", "trained": "trained, text", "random_tokens": "trained, random tokens"}
+LAYER_HOOKS = ["blocks.*.hook_resid_in", "blocks.*.attn.hook_pattern", "blocks.*.attn.hook_head_out",
+               "blocks.*.attn.hook_head_out_post", "blocks.*.attn.hook_out"]
 
 
 # ----------------------------------------------------------------------------- measures
@@ -146,19 +148,13 @@ def random_init_like(model):
         torch.set_default_dtype(default_dtype)
 
 
-def layer0_variance(model, x, device):
-    """{"across_sequences": [...], "within_token": [...]} of layer 0's head outputs on windows x.
+def layer0_variance(model, x):
+    """{"across_sequences": [...], "within_token": [...]} of layer 0's head outputs on windows x (N, T).
     o_t = sum_{s <= t} A_ts v_s: token 0's output is v_0 alone, and uniform attention over
     t + 1 independent values gives var(o_t) = var(v) / (t + 1) (paper §3)."""
-    with torch.no_grad(), model.hooks(record="blocks.0.attn.hook_head_out") as cache:
-        model(x.to(device))
+    _, cache = model.run_with_cache(x, record="blocks.0.attn.hook_head_out", last_layer=0)
     across, within = variance_by_position(cache["blocks.0.attn.hook_head_out"])  # (T,) each
     return {"across_sequences": across.tolist(), "within_token": within.tolist()}
-
-
-def first_layer(values, threshold):
-    """The first index whose value reaches threshold, or None."""
-    return next((i for i, v in enumerate(values) if v >= threshold), None)
 
 
 def sink_follows_spike(spike, sink):
@@ -166,11 +162,85 @@ def sink_follows_spike(spike, sink):
     return spike is not None and sink is not None and spike <= sink <= spike + 1
 
 
+def fig13_layer(metrics):
+    """The layer Fig. 13 shows, and why: the first sink layer; without one, the most attention to token 0."""
+    if metrics["sink_layer"] is not None:
+        return metrics["sink_layer"], "the first sink layer"
+    return int(np.argmax(metrics["first_token_attention_by_layer"])), "no sink: most attention to token 0"
+
+
+# ----------------------------------------------------------------------------- the paper's steps
+
+def variance_discrepancy(model, x, x_random, bos, seed):
+    """Fig. 1: the variance of layer 0's head outputs by position, on the random-init model and the trained
+    one on text, and on the trained one on random tokens; token 0's variance over the others' in each case."""
+    torch.manual_seed(seed)  # the random initialisation
+    by_case = {"init": layer0_variance(random_init_like(model), x),  # freed after its one pass
+               "trained": layer0_variance(model, x),
+               "random_tokens": layer0_variance(model, x_random)}
+    # With BOS, token 0 is the same in every window: its variance across windows is 0 by construction,
+    # so the ratio reads the variance within a token; without BOS, the paper's reading, across windows.
+    reading = "within_token" if bos else "across_sequences"
+    return {**{f"var_by_position_{case}": variance for case, variance in by_case.items()},
+            "var_ratio_token0": {case: variance_ratio_token0(torch.tensor(v[reading])) for case, v in by_case.items()},
+            "var_ratio_reading": reading}
+
+
+def held_out_loss(logits, x):
+    """The next-token loss of logits (N, T, vocab) on the windows x (N, T), in nats."""
+    return {"held_out_loss": float(F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten()))}
+
+
+def sink_and_norm(cache, layers):
+    """Fig. 3, per layer: attention to token 0, Gu et al.'s sink rate, the L2 norm of token 0's residual stream
+    entering the block beside the others'; the first norm spike and sink layers, and whether they are in order."""
+    patterns = [cache[f"blocks.{i}.attn.hook_pattern"] for i in layers]  # (N, H, T, T) each
+    rate_by_layer, rate = sink_rate(patterns)
+    norms = [cache[f"blocks.{i}.hook_resid_in"].norm(dim=-1) for i in layers]  # (N, T) each
+    norm0, norm_others = [float(n[:, 0].mean()) for n in norms], [float(n[:, 1:].mean()) for n in norms]
+    spike, sink = norm_spike_layer(norm0, norm_others), first_sink_layer(rate_by_layer)
+    return {"first_token_attention_by_layer": [float(first_token_attention(p).mean()) for p in patterns],
+            "sink_rate_by_layer": rate_by_layer, "sink_rate": rate,
+            "first_token_norm_by_layer": norm0, "other_token_norm_by_layer": norm_others,
+            "spike_layer": spike, "sink_layer": sink, "sink_follows_spike": sink_follows_spike(spike, sink)}
+
+
+def wo_keeps_variance(model, cache, layers):
+    """Fig. 7, per layer: Kendall tau-b of the W_O column norms against token 0's spread within the token and
+    against its variance across windows, one tau per W_O row, and token 0's variance ratio after W_O."""
+    taus, taus_across, row_taus, post_ratio = [], [], [], []
+    for i in layers:
+        wo_weight = model.blocks[i].attn.wo.weight.detach().float().cpu()  # (C_out, C_in): a column per W_O input
+        column_norms = wo_weight.norm(dim=0).numpy()  # (C_in,)
+        to_wo = cache[f"blocks.{i}.attn.hook_head_out_post"]  # (N, H, T, hd): what W_O gets
+        spread = token0_dimension_spread(to_wo).numpy()  # (C_in,)
+        taus.append(kendall_tau_b(column_norms, spread))
+        taus_across.append(kendall_tau_b(column_norms, token0_variance_across_windows(to_wo).numpy()))
+        row_taus.append(wo_row_taus(wo_weight, spread))
+        post_ratio.append(within_token_variance_ratio(cache[f"blocks.{i}.attn.hook_out"]))
+    return {"wo_kendall_tau_by_layer": taus, "wo_kendall_tau_across_windows_by_layer": taus_across,
+            "wo_row_kendall_taus_by_layer": row_taus,
+            "wo_row_kendall_tau_mean_by_layer": [float(np.mean(t)) for t in row_taus],
+            "post_wo_var_ratio_by_layer": post_ratio}
+
+
+def entropy_and_variance(cache, layers):
+    """Fig. 13, per layer: each head's attention entropy and output variance, and their Spearman rho over the heads."""
+    entropy = [attention_entropy_by_head(cache[f"blocks.{i}.attn.hook_pattern"]) for i in layers]  # (H,) each
+    variance = [head_output_variance(cache[f"blocks.{i}.attn.hook_head_out"]) for i in layers]  # (H,) each
+    return {"head_entropy_by_layer": [e.tolist() for e in entropy],
+            "head_output_variance_by_layer": [v.tolist() for v in variance],
+            "head_entropy_variance_spearman_by_layer": [rank_correlation(e.numpy(), v.numpy())
+                                                        for e, v in zip(entropy, variance)]}
+
+
 # ----------------------------------------------------------------------------- figures
 
-def plot_variance(by_case, path):
-    fig, axes = plt.subplots(1, len(by_case), figsize=(4.7 * len(by_case), 4), squeeze=False)
-    for ax, (case, variance) in zip(axes[0], by_case.items()):
+def plot_variance(metrics, path):
+    cases = list(metrics["var_ratio_token0"])
+    fig, axes = plt.subplots(1, len(cases), figsize=(4.7 * len(cases), 4), squeeze=False)
+    for ax, case in zip(axes[0], cases):
+        variance = metrics[f"var_by_position_{case}"]
         within, across = np.array(variance["within_token"]), np.array(variance["across_sequences"])
         positions = np.arange(len(within))
         ax.plot(positions, within, "o-", markersize=3, color="tab:red", label="within token (var over dims)")
@@ -183,7 +253,9 @@ def plot_variance(by_case, path):
     save_figure(fig, path)
 
 
-def plot_attention_and_norm(layers, attention, norm0, norm_others, path):
+def plot_attention_and_norm(metrics, path):
+    attention = metrics["first_token_attention_by_layer"]
+    layers = list(range(len(attention)))
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(layers, attention, "o-", color="tab:red", label="attention to token 0")
     ax.axhline(SINK_THRESHOLD, color="tab:red", linewidth=0.5, linestyle=":")
@@ -191,8 +263,8 @@ def plot_attention_and_norm(layers, attention, norm0, norm_others, path):
            xticks=layer_ticks(layers), title="Fig. 3: first-token attention and input norm")
     ax.yaxis.label.set_color("tab:red")
     twin = ax.twinx()
-    twin.plot(layers, norm0, "s-", color="tab:blue", label="token 0 input L2 norm")
-    twin.plot(layers, norm_others, "^--", color="tab:cyan", label="tokens t ≥ 1 (mean)")
+    twin.plot(layers, metrics["first_token_norm_by_layer"], "s-", color="tab:blue", label="token 0 input L2 norm")
+    twin.plot(layers, metrics["other_token_norm_by_layer"], "^--", color="tab:cyan", label="tokens t ≥ 1 (mean)")
     twin.set_ylabel("input L2 norm", color="tab:blue")
     twin.set_ylim(0, None)
     lines = ax.get_lines()[:1] + twin.get_lines()
@@ -200,17 +272,19 @@ def plot_attention_and_norm(layers, attention, norm0, norm_others, path):
     save_figure(fig, path)
 
 
-def plot_wo(layers, taus, taus_across, row_taus, post_ratio, path):
+def plot_wo(metrics, row_taus, path):
+    layers = list(range(len(metrics["wo_kendall_tau_by_layer"])))
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.boxplot(row_taus, positions=layers, widths=0.5, manage_ticks=False)  # else its labels outlive xticks below
-    left.scatter(layers, taus, marker="D", color="tab:blue", zorder=3, label="|W_O column| vs spread within token 0")
-    left.scatter(layers, taus_across, marker="o", color="tab:green", zorder=3,
+    left.scatter(layers, metrics["wo_kendall_tau_by_layer"], marker="D", color="tab:blue", zorder=3,
+                 label="|W_O column| vs spread within token 0")
+    left.scatter(layers, metrics["wo_kendall_tau_across_windows_by_layer"], marker="o", color="tab:green", zorder=3,
                  label="|W_O column| vs variance across windows")
     left.axhline(0, color="black", linewidth=0.5)
     left.set(xlabel="layer", ylabel="Kendall tau-b with token 0's dimensions", xticks=layer_ticks(layers),
              ylim=(-1, 1), title="Fig. 7: W_O weights vs token 0's variance")
     left.legend(fontsize=8, title="box: one tau per W_O row", title_fontsize=8)
-    right.plot(layers, post_ratio, "o-", color="tab:red")
+    right.plot(layers, metrics["post_wo_var_ratio_by_layer"], "o-", color="tab:red")
     right.axhline(1, color="gray", linestyle=":", label="no discrepancy")
     right.set(xlabel="layer", ylabel="token 0 variance / others' after W_O", xticks=layer_ticks(layers), yscale="log",
               title="Fig. 7: variance ratio after W_O")
@@ -218,124 +292,90 @@ def plot_wo(layers, taus, taus_across, row_taus, post_ratio, path):
     save_figure(fig, path)
 
 
-def main(argv=None) -> dict:
-    parser = script_parser(__doc__)
-    args = setup(parser.parse_args(argv), __file__)
-    model, x, bos = studied_model(args, N_WINDOWS)  # x: (N, T) held-out windows
-    model_cfg = model.config
-    torch.manual_seed(args.seed)  # the random initialisation below (Fig. 1, "init")
-    vocabulary = 256 if args.model == "trained" else model_cfg.vocab_size  # bytes, or the pretrained vocabulary
-    x_random = random_token_windows(len(x), x.shape[1], bos, torch.Generator().manual_seed(args.seed + 1),
-                                    vocabulary).to(args.device)  # (N, T)
-    # With BOS, token 0 is the same in every window: its variance across windows is 0 by construction,
-    # so the ratio reads the variance within a token; without BOS, the paper's reading, across windows.
-    reading = "within_token" if bos else "across_sequences"
+def plot_entropy_and_variance(metrics, window, path):
+    """Fig. 13 in one layer (fig13_layer's); the dotted line: uniform causal attention over a window of that length."""
+    layer, why = fig13_layer(metrics)
+    entropy = metrics["head_entropy_by_layer"][layer]
+    uniform_entropy = float(np.mean([math.log(t + 1) for t in range(1, window)]))  # rows t >= 1
+    rho = metrics["head_entropy_variance_spearman_by_layer"][layer]
+    plot_head_entropy([f"H{h}" for h in range(len(entropy))], entropy, metrics["head_output_variance_by_layer"][layer],
+                      uniform_entropy, f"Fig. 13: layer {layer} ({why})\nSpearman rho of entropy and variance {rho:+.2f}",
+                      path)
 
-    # Fig. 1: the variance of layer 0's head outputs by position, three cases.
-    by_case = {"init": layer0_variance(random_init_like(model), x, args.device),  # freed after its one pass
-               "trained": layer0_variance(model, x, args.device),
-               "random_tokens": layer0_variance(model, x_random, args.device)}
-    ratio = {case: variance_ratio_token0(torch.tensor(v[reading])) for case, v in by_case.items()}
 
-    # Fig. 3, 7 and 13: layer by layer, on the trained model and text.
-    names = ["blocks.*.hook_resid_in", "blocks.*.attn.hook_pattern", "blocks.*.attn.hook_head_out",
-             "blocks.*.attn.hook_head_out_post", "blocks.*.attn.hook_out"]
-    with torch.no_grad(), model.hooks(record=names) as cache:
-        logits, _ = model(x)
-    loss = float(F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten()))  # next-token loss, held out
-    layers = list(range(model_cfg.n_layer))
-    by_head = [first_token_attention(cache[f"blocks.{i}.attn.hook_pattern"]) for i in layers]  # (H,) each
-    attention = [float(heads.mean()) for heads in by_head]
-    heads_over = [float((heads > SINK_THRESHOLD).float().mean()) for heads in by_head]  # Gu et al.'s sink rate
-    norms = [cache[f"blocks.{i}.hook_resid_in"].norm(dim=-1) for i in layers]  # each (N, T)
-    norm0, norm_others = [float(n[:, 0].mean()) for n in norms], [float(n[:, 1:].mean()) for n in norms]
-    taus, taus_across, row_taus, post_ratio = [], [], [], []
-    for i in layers:
-        wo_weight = model.blocks[i].attn.wo.weight.detach().float().cpu()  # (C_out, C_in): a column per W_O input
-        column_norms = wo_weight.norm(dim=0).numpy()  # (C_in,)
-        to_wo = cache[f"blocks.{i}.attn.hook_head_out_post"]  # (N, H, T, hd): what W_O gets
-        spread = token0_dimension_spread(to_wo).numpy()  # (C_in,)
-        taus.append(kendall_tau_b(column_norms, spread))
-        taus_across.append(kendall_tau_b(column_norms, token0_variance_across_windows(to_wo).numpy()))
-        row_taus.append(wo_row_taus(wo_weight, spread))
-        post_ratio.append(within_token_variance_ratio(cache[f"blocks.{i}.attn.hook_out"]))
-    entropy = [attention_entropy_by_head(row_normalized(cache[f"blocks.{i}.attn.hook_pattern"])) for i in layers]
-    head_variance = [head_output_variance(cache[f"blocks.{i}.attn.hook_head_out"]) for i in layers]  # (H,) each
-    rho = [rank_correlation(e.numpy(), v.numpy()) for e, v in zip(entropy, head_variance)]  # Fig. 13, per layer
+def draw(metrics, row_taus, run, window):
+    plot_variance(metrics, run.path("fig1_variance_by_position.png"))
+    plot_attention_and_norm(metrics, run.path("fig3_attention_and_norm.png"))
+    plot_wo(metrics, row_taus, run.path("fig7_wo_keeps_variance.png"))
+    plot_entropy_and_variance(metrics, window, run.path("fig13_head_entropy_variance.png"))
 
-    metrics = {
-        "n_windows": len(x),
-        **{f"var_by_position_{case}": variance for case, variance in by_case.items()},
-        "var_ratio_token0": ratio,
-        "var_ratio_reading": reading,
-        "held_out_loss": loss,
-        "first_token_attention_by_layer": attention,
-        "heads_over_threshold_by_layer": heads_over,
-        "first_token_norm_by_layer": norm0,
-        "other_token_norm_by_layer": norm_others,
-        "wo_kendall_tau_by_layer": taus,
-        "wo_kendall_tau_across_windows_by_layer": taus_across,
-        "wo_row_kendall_tau_mean_by_layer": [float(np.mean(t)) for t in row_taus],
-        "post_wo_var_ratio_by_layer": post_ratio,
-        "sink_rate_by_layer": sink_rate([cache[f"blocks.{i}.attn.hook_pattern"] for i in layers])[0],
-        "sink_rate": sink_rate([cache[f"blocks.{i}.attn.hook_pattern"] for i in layers])[1],
-        "spike_layer": norm_spike_layer(norm0, norm_others),
-        "sink_layer": first_layer(attention, SINK_THRESHOLD),
-        "head_entropy_by_layer": [e.tolist() for e in entropy],
-        "head_output_variance_by_layer": [v.tolist() for v in head_variance],
-        "head_entropy_variance_spearman_by_layer": rho,
-    }
-    metrics["sink_follows_spike"] = sink_follows_spike(metrics["spike_layer"], metrics["sink_layer"])
-    write_metrics(metrics, args.script_dir)
-    plot_variance(by_case, os.path.join(args.script_dir, "fig1_variance_by_position.png"))
-    plot_attention_and_norm(layers, attention, norm0, norm_others,
-                            os.path.join(args.script_dir, "fig3_attention_and_norm.png"))
-    plot_wo(layers, taus, taus_across, row_taus, post_ratio,
-            os.path.join(args.script_dir, "fig7_wo_keeps_variance.png"))
-    sink = metrics["sink_layer"]
-    shown = sink if sink is not None else int(np.argmax(attention))  # Fig. 13's layer
-    why = "the first sink layer" if sink is not None else "no sink: most attention to token 0"
-    uniform_entropy = float(np.mean([math.log(t + 1) for t in range(1, x.shape[1])]))  # rows t >= 1, uniform
-    plot_head_entropy([f"H{h}" for h in range(len(entropy[shown]))], entropy[shown], head_variance[shown],
-                      uniform_entropy, f"Fig. 13: layer {shown} ({why})\nSpearman rho of entropy and variance {rho[shown]:+.2f}",
-                      os.path.join(args.script_dir, "fig13_head_entropy_variance.png"))
 
-    print(f"{args.subject}: next-token loss on the held-out windows {loss:.3f} nats "
-          f"(uniform over the {model_cfg.vocab_size} tokens: {math.log(model_cfg.vocab_size):.2f})")
-    print(f"{args.subject}, {len(x)} held-out windows of {x.shape[1]} tokens and {len(x)} random-token windows; "
+# ----------------------------------------------------------------------------- report
+
+def report(metrics, subject, vocab_size, window):
+    m = metrics
+    ratio, reading = m["var_ratio_token0"], m["var_ratio_reading"]
+    print(f"{subject}: next-token loss on the held-out windows {m['held_out_loss']:.3f} nats "
+          f"(uniform over the {vocab_size} tokens: {math.log(vocab_size):.2f})")
+    print(f"{subject}, {m['n_windows']} held-out windows of {window} tokens and {m['n_windows']} random-token windows; "
           f"layer-0 head outputs, variance at position 0 vs mean at t >= 1")
     rows = []
-    for case, variance in by_case.items():
-        within, across = variance["within_token"], variance["across_sequences"]
+    for case in ratio:
+        within, across = m[f"var_by_position_{case}"]["within_token"], m[f"var_by_position_{case}"]["across_sequences"]
         rows.append([case, within[0], float(np.mean(within[1:])), ratio[case], across[0], float(np.mean(across[1:]))])
     print_table(rows, ["case", "within tok 0", "t >= 1", "ratio", "across seq 0", "t >= 1"])
-    outliers = [case for case in by_case if ratio[case] > 1]
+    outliers = [case for case in ratio if ratio[case] > 1]
     print(f"(the ratio uses the {reading.replace('_', ' ')} reading"
-          + ("; with BOS, token 0's across-sequences variance is 0)\n" if bos else ")\n")
-          + f"{args.subject}: token 0 is the high-variance outlier (ratio > 1) in: {', '.join(outliers) or 'no case'}"
-          + ("" if len(outliers) == len(by_case) else
-             f"; not in: {', '.join(c for c in by_case if c not in outliers)} (the paper's claim does not hold there)")
+          + ("; with BOS, token 0's across-sequences variance is 0)\n" if reading == "within_token" else ")\n")
+          + f"{subject}: token 0 is the high-variance outlier (ratio > 1) in: {', '.join(outliers) or 'no case'}"
+          + ("" if len(outliers) == len(ratio) else
+             f"; not in: {', '.join(c for c in ratio if c not in outliers)} (the paper's claim does not hold there)")
           + "\n")
-    norm_ratio = [a / b for a, b in zip(norm0, norm_others)]
-    row_tau_mean = metrics["wo_row_kendall_tau_mean_by_layer"]
-    print_table([[i, attention[i], heads_over[i], norm0[i], norm_others[i], norm_ratio[i], taus[i], taus_across[i],
-                  row_tau_mean[i], post_ratio[i], rho[i]] for i in layers],
-                ["layer", "attn to 0", f"heads > {SINK_THRESHOLD}", "norm 0", "norm others", "0/others",
+    norm0, norm_others = m["first_token_norm_by_layer"], m["other_token_norm_by_layer"]
+    taus, taus_across = m["wo_kendall_tau_by_layer"], m["wo_kendall_tau_across_windows_by_layer"]
+    post_ratio = m["post_wo_var_ratio_by_layer"]
+    rho, layers = m["head_entropy_variance_spearman_by_layer"], range(len(norm0))
+    print_table([[i, m["first_token_attention_by_layer"][i], m["sink_rate_by_layer"][i], norm0[i], norm_others[i],
+                  norm0[i] / norm_others[i], taus[i], taus_across[i], m["wo_row_kendall_tau_mean_by_layer"][i],
+                  post_ratio[i], rho[i]] for i in layers],
+                ["layer", "attn to 0", "sink rate", "norm 0", "norm others", "0/others",
                  "W_O tau within", "across", "row tau mean", "var ratio after W_O", "rho(entropy, var)"])
-    spike = metrics["spike_layer"]
-    print(f"\n{args.subject}: first layer where token 0's norm reaches {SPIKE_NORM_RATIO:g}x the others': "
-          f"{'none in this model' if spike is None else spike}; first layer with attention to token 0 >= "
-          f"{SINK_THRESHOLD}: {'none in this model' if sink is None else sink}; the sink "
-          + ("follows the spike (same layer or the next), as in the paper" if metrics["sink_follows_spike"] else
+    spike, sink = m["spike_layer"], m["sink_layer"]
+    print(f"\n{subject}: Gu et al.'s sink rate (heads and windows whose attention to token 0 is above {SINK_THRESHOLD}) "
+          f"{m['sink_rate']:.3g} over all layers; first layer where token 0's norm reaches {SPIKE_NORM_RATIO:g}x the "
+          f"others': {'none in this model' if spike is None else spike}; first sink layer (sink rate >= "
+          f"{SINK_LAYER_SHARE}): {'none in this model' if sink is None else sink}; the sink "
+          + ("follows the spike (same layer or the next), as in the paper" if m["sink_follows_spike"] else
              "does not follow the spike within one layer here"))
-    kept = [i for i in layers if post_ratio[i] > 1]
-    print(f"{args.subject}, W_O: tau > 0 (W_O weighs token 0's high-spread dimensions more) in layers "
+    print(f"{subject}, W_O: tau > 0 (W_O weighs token 0's high-spread dimensions more) in layers "
           f"{[i for i in layers if taus[i] > 0] or 'none'} within token 0, "
           f"{[i for i in layers if taus_across[i] > 0] or 'none'} across windows (the paper's reading; "
-          f"Llama-2: 0.32); token 0's variance stays above the others' after W_O in layers {kept or 'none'}")
-    print(f"{args.subject}, Fig. 13: Spearman rho of head entropy and output variance in layer {shown} ({why}) "
+          f"Llama-2: 0.32); token 0's variance stays above the others' after W_O in layers "
+          f"{[i for i in layers if post_ratio[i] > 1] or 'none'}")
+    shown, why = fig13_layer(m)
+    print(f"{subject}, Fig. 13: Spearman rho of head entropy and output variance in layer {shown} ({why}) "
           f"{rho[shown]:+.2f} (paper: negative, low-entropy heads give high-variance outputs); negative in layers "
           f"{[i for i in layers if rho[i] < 0] or 'none'}")
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None) -> dict:
+    args = script_parser(__doc__).parse_args(argv)
+    run = setup(args, __file__, argv=argv)
+    model, x, bos = studied_model(run, N_WINDOWS)  # x: (N, T) held-out windows
+    vocabulary = 256 if run.model == "trained" else model.config.vocab_size  # bytes, or the pretrained vocabulary
+    x_random = random_token_windows(len(x), x.shape[1], bos, torch.Generator().manual_seed(run.seed + 1),
+                                    vocabulary).to(run.device)  # (N, T)
+    metrics = {"n_windows": len(x), **variance_discrepancy(model, x, x_random, bos, run.seed)}
+    logits, cache = model.run_with_cache(x, record=LAYER_HOOKS)  # the trained model on text, every layer
+    layers = range(model.config.n_layer)
+    metrics |= {**held_out_loss(logits, x), **sink_and_norm(cache, layers), **wo_keeps_variance(model, cache, layers),
+                **entropy_and_variance(cache, layers)}
+    row_taus = metrics.pop("wo_row_kendall_taus_by_layer")  # Fig. 7's boxes, too long for metrics.json
+    metrics = write_metrics(metrics, run)
+    draw(metrics, row_taus, run, x.shape[1])
+    report(metrics, run.subject, model.config.vocab_size, x.shape[1])
     return metrics
 
 

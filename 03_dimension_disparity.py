@@ -44,24 +44,20 @@ Exercises (cpu profile; each takes minutes once the model is cached)
   3. Predicting. The sink key is the same in every window, but the queries are rotated by
      RoPE. Predict whether a head with `qk_alignment_by_head` near 1 must have a
      `positive_score_ratio_by_head` near 0 or 1, then look at the printed head table.
-  4. Changing code. Leave token 0 out of `effective_rank_by_layer` (pass `resid[:, 1:]`) and
-     compare `effective_rank_by_layer` with and without it: in which layers does token 0
+  4. Changing code. Leave token 0 out of `effective_rank_by_layer` (in `effective_ranks`, pass
+     `r[:, 1:]`) and compare `effective_rank_by_layer` with and without it: in which layers does token 0
      alone pull the rank down?
 """
-import matplotlib
-
-matplotlib.use("Agg")
-import os
-
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from cli import (N_WINDOWS, layer_ticks, print_table, run_script, save_figure, script_parser, setup, studied_model,
                  write_metrics)
+import matplotlib.pyplot as plt  # after cli, which chooses matplotlib's file-only backend
 from measures import SPIKE_NORM_RATIO, dominance_ratio, mean_effective_rank, norm_spike_layer
 
+HOOKS = ["blocks.*.hook_resid_in", "blocks.*.hook_attn_in", "blocks.*.attn.hook_q", "blocks.*.attn.hook_k"]
 
 
 # ----------------------------------------------------------------------------- measures
@@ -75,39 +71,69 @@ def mean_pairwise_cosine(states):
     return ((total * total).sum(-1) - n) / (n * (n - 1))
 
 
-def direction_cosines(model, x_first_token_varies, device):
-    """Per layer: (token 0, mean over t >= 1) of the mean pairwise cosine of the attention input
-    attn_norm(resid_in) at one position, taken from different windows."""
-    with torch.no_grad(), model.hooks(record="blocks.*.hook_attn_in") as cache:
-        model(x_first_token_varies.to(device))
-    token0, others = [], []
-    for i in range(len(model.blocks)):
-        cosine = mean_pairwise_cosine(cache[f"blocks.{i}.hook_attn_in"])  # (N, T, C) -> (T,)
-        token0.append(float(cosine[0]))
-        others.append(float(cosine[1:].mean()))
-    return token0, others
+def qk_locking_by_head(w_query, q, k):
+    """Per head: (|cos| between the sink key and W_Q's principal direction, share of queries t >= 1 whose
+    score to token 0 is positive).
 
-
-def qk_locking(model, layer, q, k):
-    """Per head of `layer`: (|cos| between the sink key and W_Q's principal direction,
-    share of queries t >= 1 whose score to token 0 is positive).
-
-    q, k: the recorded queries and keys (N, H, T, hd), after RoPE.
+    w_query: W_Q (H * hd, C), head h's rows h * hd .. (h + 1) * hd - 1; q, k: the recorded queries and keys
+    (N, H, T, hd), after RoPE.
     RoPE: the alignment compares weights and the sink key in the un-rotated frame. Key 0 sits
     at position 0, where RoPE's angle is 0, so the recorded key is also the un-rotated one;
     the rotation each query gets is left out there. The positive-score share uses the
     recorded, rotated q and k, so it is the model's actual sign of q_t . k_0."""
-    attn = model.blocks[layer].attn
-    head_dim = attn.head_dim
     alignment, positive = [], []
-    for h in range(attn.n_head):
-        w_query = attn.qkv.weight[h * head_dim:(h + 1) * head_dim].detach().float().cpu()  # (hd, C): W_Q of head h
-        principal = torch.linalg.svd(w_query, full_matrices=False).U[:, 0]  # (hd,): where W_Q sends inputs most
+    for h, w_head in enumerate(w_query.split(q.shape[-1])):  # (hd, C): W_Q of head h
+        principal = torch.linalg.svd(w_head, full_matrices=False).U[:, 0]  # (hd,): where W_Q sends inputs most
         sink_key = k[:, h, 0].mean(0)  # (hd,): token 0's key, averaged over windows
         alignment.append(float(F.cosine_similarity(principal, sink_key, dim=0).abs()))
         scores = torch.einsum("ntd,nd->nt", q[:, h, 1:], k[:, h, 0])  # (N, T-1): q_t . k_0
         positive.append(float((scores > 0).float().mean()))
     return alignment, positive
+
+
+# ----------------------------------------------------------------------------- the paper's steps
+
+def dimension_disparity(cache, layers):
+    """Fig. 11, per layer: token 0's dominance ratio against the mean over the others, measured where the paper
+    measures it, after the block's RMSNorm (gain included)."""
+    dominance = [dominance_ratio(cache[f"blocks.{i}.hook_attn_in"]) for i in layers]  # (N, T) each
+    return {"dominance_ratio_token0_by_layer": [float(d[:, 0].mean()) for d in dominance],
+            "dominance_ratio_others_by_layer": [float(d[:, 1:].mean()) for d in dominance]}
+
+
+def norm_spike(cache, layers):
+    """Token 0's L2 norm over the others' per layer, and the layer QK locking is read in: the first whose input
+    has the norm spike, or without one the layer of the largest ratio."""
+    norms = [cache[f"blocks.{i}.hook_resid_in"].norm(dim=-1) for i in layers]  # (N, T) each
+    ratio = [float(n[:, 0].mean() / n[:, 1:].mean()) for n in norms]
+    spiked = norm_spike_layer([float(n[:, 0].mean()) for n in norms], [float(n[:, 1:].mean()) for n in norms])
+    layer, rule = ((spiked, "the first norm spike") if spiked is not None else
+                   (int(np.argmax(ratio)), "no norm spike: the largest ratio"))
+    return {"token0_norm_ratio_by_layer": ratio, "spike_layer": layer, "spike_layer_rule": rule}
+
+
+def direction_cosines(model, x):
+    """§4.3's directional filter, per layer: the mean pairwise cosine of the attention input attn_norm(resid_in)
+    at one position, taken from the different windows of x (N, T), at token 0 and (mean) at t >= 1."""
+    _, cache = model.run_with_cache(x, record="blocks.*.hook_attn_in")
+    cosines = [mean_pairwise_cosine(cache[f"blocks.{i}.hook_attn_in"]) for i in range(len(model.blocks))]  # (T,) each
+    return {"token0_direction_cosine_by_layer": [float(c[0]) for c in cosines],
+            "others_direction_cosine_by_layer": [float(c[1:].mean()) for c in cosines]}
+
+
+def qk_locking(model, cache, layer):
+    """Fig. 12 in `layer`, per head: how well W_Q's principal direction aligns with the sink key, and how often
+    a query scores token 0 positively."""
+    w_query = model.blocks[layer].attn.qkv.weight[:model.config.n_embd].detach().float().cpu()  # (C, C): W_Q
+    alignment, positive = qk_locking_by_head(w_query, cache[f"blocks.{layer}.attn.hook_q"],
+                                             cache[f"blocks.{layer}.attn.hook_k"])
+    return {"qk_alignment_by_head": alignment, "positive_score_ratio_by_head": positive}
+
+
+def effective_ranks(cache, layers):
+    """Fig. 15 / 21, per layer: the effective rank of each window's (T, C) residual stream, averaged over windows."""
+    resid = [cache[f"blocks.{i}.hook_resid_in"] for i in layers]  # (N, T, C) each
+    return {"effective_rank_by_layer": [mean_effective_rank(r) for r in resid]}
 
 
 # ----------------------------------------------------------------------------- figures
@@ -150,70 +176,58 @@ def plot_effective_rank(layers, ranks, n_embd, path):
     save_figure(fig, path)
 
 
+def draw(metrics, run, n_embd):
+    m, layers = metrics, list(range(len(metrics["effective_rank_by_layer"])))
+    plot_dominance(layers, m["dominance_ratio_token0_by_layer"], m["dominance_ratio_others_by_layer"],
+                   m["token0_direction_cosine_by_layer"], m["others_direction_cosine_by_layer"],
+                   run.path("fig11_dominance_ratio.png"))
+    plot_qk_locking(m["qk_alignment_by_head"], m["positive_score_ratio_by_head"], m["spike_layer"],
+                    run.path("fig12_qk_locking.png"))
+    plot_effective_rank(layers, m["effective_rank_by_layer"], n_embd, run.path("fig15_effective_rank.png"))
+
+
+# ----------------------------------------------------------------------------- report
+
+def report(metrics, subject, window, head_dim, bos):
+    m = metrics
+    dominance0, others = m["dominance_ratio_token0_by_layer"], m["dominance_ratio_others_by_layer"]
+    print(f"{subject}, {m['n_windows']} held-out windows of {window} tokens"
+          + (f" (direction cosines: {m['n_windows']} windows whose first token is text)" if bos else ""))
+    print_table([[i, m["token0_norm_ratio_by_layer"][i], dominance0[i], others[i], dominance0[i] / others[i],
+                  m["token0_direction_cosine_by_layer"][i], m["others_direction_cosine_by_layer"][i],
+                  m["effective_rank_by_layer"][i]] for i in range(len(dominance0))],
+                ["layer", "norm 0/others", "dominance 0", "others", "0/others", "cos 0", "cos others", "eff. rank"])
+    chance = float(np.sqrt(2 / (np.pi * head_dim)))  # E|cos| of random directions in hd dims
+    spiked = m["spike_layer_rule"] == "the first norm spike"
+    print(f"\n{subject}, QK locking in layer {m['spike_layer']} (first layer whose input has token 0's norm >= "
+          f"{SPIKE_NORM_RATIO:g}x the others'{'' if spiked else '; none has, so the largest ratio'}); "
+          f"|cos| of random directions ~ {chance:.2f}")
+    print_table([[h, a, p] for h, (a, p) in enumerate(zip(m["qk_alignment_by_head"], m["positive_score_ratio_by_head"]))],
+                ["head", "alignment", "q.k0 > 0"])
+    best = int(np.argmax([a / b for a, b in zip(dominance0, others)]))
+    best_ratio = dominance0[best] / others[best]
+    print(f"\n{subject}: token 0's dominance ratio after RMSNorm is at most {best_ratio:.1f}x the others' (layer {best}): "
+          + ("dimension disparity." if best_ratio >= 10 else
+             "below 10x, so this model shows no clear dimension disparity (Llama-2: about 263 at layer 2)."))
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None) -> dict:
-    parser = script_parser(__doc__)
-    args = setup(parser.parse_args(argv), __file__)
-    model, x, bos = studied_model(args, N_WINDOWS)  # x: (N, T) held-out windows
-    model_cfg = model.config
+    args = script_parser(__doc__).parse_args(argv)
+    run = setup(args, __file__, argv=argv)
+    model, x, bos = studied_model(run, N_WINDOWS)  # x: (N, T) held-out windows
     # With BOS, token 0 is the same in every window and its direction trivially fixed: measure it on windows
     # whose first token is text. Without BOS, x's first tokens already vary.
-    x_text_first = args.dataset.windows("val", len(x), False, torch.Generator().manual_seed(args.seed + 1))[0] if bos else x
-
-    with torch.no_grad(), model.hooks(record=["blocks.*.hook_resid_in", "blocks.*.hook_attn_in", "blocks.*.attn.hook_q",
-                                              "blocks.*.attn.hook_k"]) as cache:
-        model(x)
-    layers = list(range(model_cfg.n_layer))
-    resid = [cache[f"blocks.{i}.hook_resid_in"] for i in layers]  # each (N, T, C)
-    normalised = [cache[f"blocks.{i}.hook_attn_in"] for i in layers]  # after the block's RMSNorm, gain included
-
-    dominance = [dominance_ratio(r) for r in normalised]  # each (N, T), measured where the paper measures it
-    dominance0 = [float(d[:, 0].mean()) for d in dominance]
-    dominance_others = [float(d[:, 1:].mean()) for d in dominance]
-    norms = [r.norm(dim=-1) for r in resid]  # each (N, T)
-    norm_ratio = [float(n[:, 0].mean() / n[:, 1:].mean()) for n in norms]
-    spiked = norm_spike_layer([float(n[:, 0].mean()) for n in norms], [float(n[:, 1:].mean()) for n in norms])
-    spike_layer = spiked if spiked is not None else int(np.argmax(norm_ratio))
-
-    cos0, cos_others = direction_cosines(model, x_text_first, args.device)
-    alignment, positive = qk_locking(model, spike_layer, cache[f"blocks.{spike_layer}.attn.hook_q"],
-                                     cache[f"blocks.{spike_layer}.attn.hook_k"])
-    ranks = [mean_effective_rank(r) for r in resid]  # mean over windows of (T, C)
-
-    metrics = {
-        "n_windows": len(x),
-        "dominance_ratio_token0_by_layer": dominance0,
-        "dominance_ratio_others_by_layer": dominance_others,
-        "token0_norm_ratio_by_layer": norm_ratio,
-        "spike_layer": spike_layer,
-        "token0_direction_cosine_by_layer": cos0,
-        "others_direction_cosine_by_layer": cos_others,
-        "qk_alignment_by_head": alignment,
-        "positive_score_ratio_by_head": positive,
-        "effective_rank_by_layer": ranks,
-    }
-    write_metrics(metrics, args.script_dir)
-    plot_dominance(layers, dominance0, dominance_others, cos0, cos_others,
-                   os.path.join(args.script_dir, "fig11_dominance_ratio.png"))
-    plot_qk_locking(alignment, positive, spike_layer, os.path.join(args.script_dir, "fig12_qk_locking.png"))
-    plot_effective_rank(layers, ranks, model_cfg.n_embd, os.path.join(args.script_dir, "fig15_effective_rank.png"))
-
-    print(f"{args.subject}, {len(x)} held-out windows of {x.shape[1]} tokens"
-          + (f" (direction cosines: {len(x)} windows whose first token is text)" if bos else ""))
-    print_table([[i, norm_ratio[i], dominance0[i], dominance_others[i], dominance0[i] / dominance_others[i],
-                  cos0[i], cos_others[i], ranks[i]] for i in layers],
-                ["layer", "norm 0/others", "dominance 0", "others", "0/others", "cos 0", "cos others", "eff. rank"])
-    chance = float(np.sqrt(2 / (np.pi * model.blocks[0].attn.head_dim)))  # E|cos| of random directions in hd dims
-    print(f"\n{args.subject}, QK locking in layer {spike_layer} (first layer whose input has token 0's norm >= "
-          f"{SPIKE_NORM_RATIO:g}x the others'{'' if spiked is not None else '; none has, so the largest ratio'}); "
-          f"|cos| of random directions ~ {chance:.2f}")
-    print_table([[h, alignment[h], positive[h]] for h in range(len(alignment))], ["head", "alignment", "q.k0 > 0"])
-    best = int(np.argmax([a / b for a, b in zip(dominance0, dominance_others)]))
-    best_ratio = dominance0[best] / dominance_others[best]
-    print(f"\n{args.subject}: token 0's dominance ratio after RMSNorm is at most {best_ratio:.1f}x the others' (layer {best}): "
-          + ("dimension disparity." if best_ratio >= 10 else
-             "below 10x, so this model shows no clear dimension disparity (Llama-2: about 263 at layer 2)."))
+    x_text_first = run.dataset.windows("val", len(x), False, torch.Generator().manual_seed(run.seed + 1))[0] if bos else x
+    _, cache = model.run_with_cache(x, record=HOOKS)
+    layers = range(model.config.n_layer)
+    metrics = {"n_windows": len(x), **dimension_disparity(cache, layers), **norm_spike(cache, layers),
+               **direction_cosines(model, x_text_first.to(run.device))}
+    metrics |= {**qk_locking(model, cache, metrics["spike_layer"]), **effective_ranks(cache, layers)}
+    metrics = write_metrics(metrics, run)
+    draw(metrics, run, model.config.n_embd)
+    report(metrics, run.subject, x.shape[1], model.blocks[0].attn.head_dim, bos)
     return metrics
 
 

@@ -31,8 +31,8 @@ The authors' reading (their notebook, attention_sink.ipynb), printed beside the 
 as they draw Fig. 6: mu^(l) is layer l's mean value vector (hook_v) over about 50,000 random
 tokens; the edit acts on the input of W_O in every layer l below L_obs, and the score is the
 attention to k at layer L_obs alone (mean over heads and queries t > k), for lambda in 1..30.
-L_obs is the first sink layer by 01's rule (mean attention to token 0 >= 0.3), from layer 1 on
-(there must be a layer below it); without a sink, the layer of the most attention to token 0;
+L_obs is the first sink layer as 01 finds it (Gu et al.'s sink rate at least 0.5), from layer 1 on
+(there must be a layer below it); without a sink layer, the layer of the most attention to token 0;
 --observe_layer overrides. The controls run the same way. The verdict uses the main reading.
 
 Setup: 64 held-out windows (16 for a pretrained model); k = 10 (or the middle of a shorter
@@ -63,22 +63,18 @@ Exercises (cpu profile; each takes minutes once the model is cached)
      (`model.blocks[layer].mlp.w_down.weight[:, unit]`) by its mean. Predict, then watch,
      the sink at token 0: `attention_received_baseline[0]`.
 """
-import matplotlib
-
-matplotlib.use("Agg")
 import math
-import os
 from functools import partial
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
 from cli import N_WINDOWS, print_table, run_script, save_figure, script_parser, setup, studied_model, write_metrics
+import matplotlib.pyplot as plt  # after cli, which chooses matplotlib's file-only backend
 from data import random_token_windows
 from measures import (MIN_LATER_QUERIES, SINK_THRESHOLD, attention_entropy_by_head, attention_received, dominance_ratio,
-                      early_layers, first_token_attention, head_attention_received, row_norm_zscores,
-                      token0_argmax_unit, token0_unit, top_super_neuron)
+                      early_layers, first_sink_layer, first_token_attention, head_attention_received, row_norm_zscores,
+                      sink_rate, super_neuron_record, unit_most_selective_for_token0, unit_with_largest_row_norms)
 from model import InputError, self_only_mask
 
 LAMBDAS = (1, 2, 4, 8, 16, 32)
@@ -91,39 +87,25 @@ EDITED = "hook_head_out_post"  # the input of W_O; in the softmax models 04 stud
 MASK_GAIN = 10  # ours: under the mask, k receives at least 10x its unmasked attention (the paper's Fig. 5 shows a peak)
 CONTROL_GAIN = 3  # ours: the variance arm gives k at least 3x what either control gives (the paper's controls stay flat)
 ARM_COLORS = {"variance": "tab:red", "scale control": "tab:gray", "shift control": "tab:blue"}
+PROBED = ("superneuron_activation_at_k", "dominance_ratio_at_k", "rms_ratio_at_k")  # what the main reading also reads
 
 
 # ----------------------------------------------------------------------------- passes, reduced as they run
 
-def reduced_pass(model, x, reducers, **hooks):
-    """One pass of x (N, T) without gradients in which each hook of `reducers` ({hook name: function}) is
-    reduced as it passes -> {hook name: function(its value)}: the value itself, an (N, H, T, T) pattern say,
-    is not kept. The pass stops after the last block it reads (nothing later can change those values), so
-    it never reaches lm_head. hooks: edit, mask, mask_layers, as GPT.hooks takes them."""
-    results = {}
-
-    def reduce_as_it_passes(name, reduce):
-        def hook(value):
-            results[name] = reduce(value.detach().float().cpu())  # on the CPU, as a recorded value would be
-            return value
-        return hook
-
-    last = max((int(name.split(".")[1]) for name in reducers), default=-1)  # every name is "blocks.{layer}...."
-    edits = {**hooks.pop("edit", {}), **{name: reduce_as_it_passes(name, f) for name, f in reducers.items()}}
-    with torch.no_grad(), model.hooks(edit=edits, **hooks):
-        h, T = model.tok_emb(x), x.shape[1]  # (N, T, C): GPT.forward's loop, up to block `last`
-        for block in model.blocks[:last + 1]:
-            h = block(h, model.rope_cos[:T], model.rope_sin[:T])
-    return results
+def last_block(hooks):
+    """The last block that any of these hook names ("blocks.{layer}....") is in: a pass that reads them stops there."""
+    return max(int(name.split(".")[1]) for name in hooks)
 
 
 def layer_summary(pattern, k):
-    """One layer's attention (N, H, T, T) reduced to what 04 prints of it."""
+    """One layer's attention (N, H, T, T) reduced to what 04 prints of it: about key k and every key j, the
+    attention it receives; about token 0, Gu et al.'s sink rate and the first token's attention."""
     return dict(received=attention_received(pattern),  # (T,)
                 received_seen=attention_received(pattern, MIN_LATER_QUERIES),  # (T,)
-                heads_on_k=int((head_attention_received(pattern, k) >= SINK_THRESHOLD).sum()),
+                heads_over_threshold_on_k=int((head_attention_received(pattern, k) >= SINK_THRESHOLD).sum()),
                 entropy=float(attention_entropy_by_head(pattern, skip=(k,)).mean()),
-                to_token0=float(first_token_attention(pattern).mean()))  # what 01 reads a sink layer by
+                first_token_attention=float(first_token_attention(pattern).mean()),
+                sink_rate=sink_rate([pattern])[0][0])  # Gu et al.'s, this layer's
 
 
 def layer_mean(summaries, layers, key="received"):
@@ -132,9 +114,53 @@ def layer_mean(summaries, layers, key="received"):
 
 
 def residual_at_k(resid, k):
-    """The stream entering the last layer (N, T, C) -> (dominance ratio at k, RMS at k over the mean RMS)."""
+    """The stream entering the last layer (N, T, C) -> its dominance ratio at k, and its RMS at k over the mean RMS."""
     rms = resid.pow(2).mean(-1).sqrt()  # (N, T): what the next RMSNorm divides by
-    return float(dominance_ratio(resid[:, k]).mean()), float(rms[:, k].mean() / rms[:, 1:].mean())
+    return {"dominance_ratio_at_k": float(dominance_ratio(resid[:, k]).mean()),
+            "rms_ratio_at_k": float(rms[:, k].mean() / rms[:, 1:].mean())}
+
+
+def probes_at_k(neuron, k, n_layer):
+    """What the main reading also reads at k in each of its passes, {hook: function -> {name: number}}: the super
+    neuron's activation, and the dominance ratio and RMS of the stream entering the last layer."""
+    return {f"blocks.{neuron['layer']}.mlp.hook_hidden":
+            lambda hidden: {"superneuron_activation_at_k": float(hidden[:, k, neuron["unit"]].mean())},
+            f"blocks.{n_layer - 1}.hook_resid_in": partial(residual_at_k, k=k)}
+
+
+def value_means(model, x, layers, batch=N_WINDOWS):
+    """The authors' mu^(l): each layer's mean value vector (hook_v) over every token of x (N, T), read
+    `batch` windows at a time -> {layer: (H, hd)}."""
+    hooks = {i: f"blocks.{i}.attn.hook_v" for i in layers}
+    sum_over_tokens = {name: lambda v: v.sum(dim=(0, 2)) for name in hooks.values()}  # (B, H, T, hd) -> (H, hd)
+    sums = [model.run_with_cache(chunk, reduce=sum_over_tokens, last_layer=last_block(sum_over_tokens))[1]
+            for chunk in x.split(batch)]
+    return {i: sum(s[name] for s in sums) / x.numel() for i, name in hooks.items()}
+
+
+def amplified_pass(model, x, k, arm, lam, layers, observed, mu="windows", probes=None):
+    """One pass with `arm` editing token k's input of W_O in `layers` (mu: "windows", "positions", or the
+    authors' {layer: (H, hd)}) -> {"attention_to_k": mean over heads and the `observed` layers, and what the
+    `probes` ({hook: function -> {name: number}}) read in the same pass}."""
+    edits = {f"blocks.{i}.attn.{EDITED}": partial(arm, k=k, lam=lam, mu=mu[i] if isinstance(mu, dict) else mu)
+             for i in layers}
+    reduce = {**{f"blocks.{i}.attn.hook_pattern": attention_received for i in observed}, **(probes or {})}  # (T,) each
+    _, out = model.run_with_cache(x, reduce=reduce, last_layer=last_block(reduce), edit=edits)
+    received = torch.stack([out[f"blocks.{i}.attn.hook_pattern"] for i in observed]).mean(0)  # (T,)
+    readings = {"attention_to_k": float(received[k])}
+    for hook in probes or {}:
+        readings |= out[hook]
+    return readings
+
+
+def layers_name(layers):
+    """[0, 1, 2] -> 'layers 0-2'; [3] -> 'layer 3'."""
+    return f"layers {layers[0]}-{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}"
+
+
+def reading(readings, where, mu):
+    """{arm: attention to k by lambda} of the reading named (where, mu)."""
+    return {r["arm"]: r["attention_to_k"] for r in readings if (r["where"], r["mu"]) == (where, mu)}
 
 
 # ----------------------------------------------------------------------------- interventions
@@ -186,76 +212,132 @@ def shift_control(head_out, k, lam, mu="windows"):
 ARMS = {"variance": amplified, "scale control": scale_control, "shift control": shift_control}
 
 
-# ----------------------------------------------------------------------------- the steps, each on (model, x)
+# ----------------------------------------------------------------------------- the paper's steps
 
 def find_super_neuron(model, x):
-    """The FFN unit of the early layers whose W_gate and W_up rows have the largest mean norm z-score
-    (paper Fig. 8), cross-checked by Yu et al. (2024): the unit with the largest mean |activation|
-    on token 0 in that layer; and its mean activation on token 0."""
-    layer, unit = top_super_neuron(model)
-    z_gate, z_up = row_norm_zscores(model.blocks[layer].mlp)
-    best = dict(layer=layer, unit=unit, gate_norm_z=float(z_gate[unit]), up_norm_z=float(z_up[unit]))
+    """The FFN unit of the early layers whose W_gate and W_up rows have the largest norm z-scores (paper
+    Fig. 8), described as 02 describes it (measures.super_neuron_record): with Yu et al.'s (2024) cross-check,
+    the unit with the largest mean |activation| on token 0 in that layer, and its activation on token 0."""
+    mlps = {i: model.blocks[i].mlp for i in early_layers(model.config.n_layer)}
+    zscores = {i: row_norm_zscores(mlp.w_gate.weight, mlp.w_up.weight) for i, mlp in mlps.items()}
+    layer, unit = unit_with_largest_row_norms(zscores)
     hook = f"blocks.{layer}.mlp.hook_hidden"
-    token0 = reduced_pass(model, x, {hook: lambda hidden: hidden[:, :1].clone()})[hook]  # (N, 1, ffn)
-    best["activation_argmax_unit"] = token0_argmax_unit(token0)
-    best["agree"] = best["activation_argmax_unit"] == best["unit"]
-    best["activation_token0"] = float(token0[:, 0, unit].mean())
-    return best
+    _, cache = model.run_with_cache(x, record=hook, last_layer=layer)
+    return super_neuron_record(layer, unit, *zscores[layer], cache[hook])
+
+
+def token0_unit_chain(hidden, k):
+    """The token-0 unit, found by its activations {layer: (N, T, ffn)} in the early layers, and its mean
+    |activation| on token 0 and at k."""
+    layer, unit, ratio = unit_most_selective_for_token0(hidden)
+    return dict(layer=layer, unit=unit, token0_ratio=ratio, at_token0=float(hidden[layer][:, 0, unit].abs().mean()),
+                at_k_unmasked=float(hidden[layer][:, k, unit].abs().mean()))
+
+
+def mask_passes(model, x, k, from_layer):
+    """The baseline pass and the masked one (token k attends only to itself in layers from_layer..last), each
+    layer's attention reduced by layer_summary as it passes -> dict(baseline, masked: a summary per layer,
+    token0_unit: the chain at k, the token-0 unit found in the baseline and its |activation| at k in both passes)."""
+    n_layer, T = model.config.n_layer, x.shape[1]
+    summaries = {f"blocks.{i}.attn.hook_pattern": partial(layer_summary, k=k) for i in range(n_layer)}
+    early = {i: f"blocks.{i}.mlp.hook_hidden" for i in early_layers(n_layer)}
+    _, baseline = model.run_with_cache(x, record=early.values(), reduce=summaries, last_layer=n_layer - 1)
+    chain = token0_unit_chain({i: baseline.pop(name) for i, name in early.items()}, k)  # released before the next pass
+    unit_at_k = {early[chain["layer"]]: lambda hidden: float(hidden[:, k, chain["unit"]].abs().mean())}
+    _, masked = model.run_with_cache(x, reduce={**summaries, **unit_at_k}, last_layer=n_layer - 1,
+                                     mask=self_only_mask(T, k, x.device), mask_layers=range(from_layer, n_layer))
+    chain["at_k_masked"] = masked.pop(early[chain["layer"]])
+    return dict(baseline=[baseline[name] for name in summaries], masked=[masked[name] for name in summaries],
+                token0_unit=chain)
 
 
 def mask_intervention(model, x, k, from_layer):
-    """The baseline pass and the masked one (token k attends only to itself in layers from_layer..last)
-    -> (baseline, masked, chain): a layer_summary per layer for each pass, and the chain at k: the token-0
-    unit (found by its activations in the baseline) and its |activation| at k in both passes."""
-    n_layer, T = model.config.n_layer, x.shape[1]
-    patterns = {f"blocks.{i}.attn.hook_pattern": partial(layer_summary, k=k) for i in range(n_layer)}
-    early = {i: f"blocks.{i}.mlp.hook_hidden" for i in early_layers(n_layer)}
-    baseline = reduced_pass(model, x, {**patterns, **{name: lambda hidden: hidden for name in early.values()}})
-    hidden = {i: baseline.pop(name) for i, name in early.items()}  # (N, T, ffn) each
-    layer, unit, ratio = token0_unit(hidden)
-    chain = dict(layer=layer, unit=unit, token0_ratio=ratio, at_token0=float(hidden[layer][:, 0, unit].abs().mean()),
-                 at_k_unmasked=float(hidden[layer][:, k, unit].abs().mean()))
-    del hidden  # released before the next pass
-    unit_at_k = {early[layer]: lambda hidden: float(hidden[:, k, unit].abs().mean())}
-    masked = reduced_pass(model, x, {**patterns, **unit_at_k}, mask=self_only_mask(T, k, x.device),
-                          mask_layers=range(from_layer, n_layer))
-    chain["at_k_masked"] = masked.pop(early[layer])
-    return [baseline[name] for name in patterns], [masked[name] for name in patterns], chain
+    """Fig. 5: the attention each position receives with and without the mask, averaged over heads and the
+    layers whose keys at k the mask reaches (after from_layer); per layer, the entropy of both passes and the
+    baseline's attention to token 0 (Gu et al.'s sink rate, the first token's attention)."""
+    passes = mask_passes(model, x, k, from_layer)
+    baseline, masked, n_layer = passes["baseline"], passes["masked"], model.config.n_layer
+    measured = list(range(from_layer + 1, n_layer))
+    received_baseline, received_masked = layer_mean(baseline, measured), layer_mean(masked, measured)
+    argmax = int(received_masked[1:].argmax()) + 1  # over positions >= 1
+    # The paper's reading of Fig. 5: k becomes the peak of attention received, among the positions that at
+    # least MIN_LATER_QUERIES later queries see (1 .. T - m), and receives MASK_GAIN times its unmasked share.
+    peak = int(layer_mean(masked, measured, "received_seen")[1:].argmax()) + 1
+    return {"masked_layers": list(range(from_layer, n_layer)), "measured_layers": measured,
+            "attention_received_baseline": received_baseline.tolist(),
+            "attention_received_masked": received_masked.tolist(),
+            "attention_received_argmax_baseline": int(received_baseline[1:].argmax()) + 1,
+            "attention_received_argmax_masked": argmax,
+            "sink_moved_to_k": argmax == k and float(received_masked[k]) >= SINK_THRESHOLD,  # stricter: a layer mean
+            "mask_peak": peak, "mask_min_later_queries": MIN_LATER_QUERIES,
+            "mask_peak_moved_to_k": peak == k and float(received_masked[k]) >= MASK_GAIN * float(received_baseline[k]),
+            "mask_heads_over_threshold_on_k": sum(masked[i]["heads_over_threshold_on_k"] for i in measured),
+            "mask_heads_measured": len(measured) * model.config.n_head,
+            "entropy_by_layer_baseline": [s["entropy"] for s in baseline],
+            "entropy_by_layer_masked": [s["entropy"] for s in masked],
+            "first_token_attention_by_layer": [s["first_token_attention"] for s in baseline],
+            "sink_rate_by_layer": [s["sink_rate"] for s in baseline],
+            "token0_unit": passes["token0_unit"]}
 
 
-def observe_layer(to_token0):
-    """L_obs of the authors' reading from each layer's mean attention to token 0 -> (layer, why): the first
-    sink layer by 01's rule (attention to token 0 >= SINK_THRESHOLD) from layer 1 on, as the reading edits
-    the layers below it; without one, the layer of the most attention to token 0 (01's Fig. 13 fallback)."""
-    sink = next((i for i, a in enumerate(to_token0) if i >= 1 and a >= SINK_THRESHOLD), None)
+def observe_layer(rate_by_layer, first_token_attention_by_layer):
+    """L_obs of the authors' reading -> (layer, why): the first sink layer by Gu et al.'s sink rate (each
+    layer's, measures.first_sink_layer, as 01 finds it) from layer 1 on, as the reading edits the layers below
+    it; without one, the layer of the most attention to token 0 (01's Fig. 13 fallback)."""
+    sink = first_sink_layer(rate_by_layer, from_layer=1)
     if sink is not None:
         return sink, "the first sink layer"
-    return 1 + int(np.argmax(to_token0[1:])), "no sink: the most attention to token 0"
+    return 1 + int(np.argmax(first_token_attention_by_layer[1:])), "no sink layer: the most attention to token 0"
 
 
-def value_means(model, x, layers, batch=N_WINDOWS):
-    """The authors' mu^(l): each layer's mean value vector (hook_v) over every token of x (N, T), read
-    `batch` windows at a time -> {layer: (H, hd)}."""
-    hooks = {i: f"blocks.{i}.attn.hook_v" for i in layers}
-    sums = [reduced_pass(model, chunk, {name: lambda v: v.sum(dim=(0, 2)) for name in hooks.values()})
-            for chunk in x.split(batch)]  # (B, H, T, hd) -> (H, hd) per chunk
-    return {i: sum(s[name] for s in sums) / x.numel() for i, name in hooks.items()}
+def random_value_means(model, run, window, bos, layers):
+    """The authors' mu^(l) (value_means) over about RANDOM_TOKENS random tokens in windows of `window` tokens
+    -> (means, how many tokens)."""
+    vocabulary = 256 if run.model == "trained" else model.config.vocab_size  # bytes, or the pretrained vocabulary
+    x_random = random_token_windows(math.ceil(RANDOM_TOKENS / window), window, bos,
+                                    torch.Generator().manual_seed(run.seed + 1), vocabulary).to(run.device)
+    return value_means(model, x_random, layers), x_random.numel()
 
 
-def amplified_pass(model, x, k, arm, lam, layers, observed, mu="windows", probes=None):
-    """One pass with `arm` editing token k's input of W_O in `layers` (mu: "windows", "positions", or the
-    authors' {layer: (H, hd)}) -> (attention to k, mean over heads and the `observed` layers; {hook: result}
-    of the `probes` ({hook: function}), read in the same pass)."""
-    edits = {f"blocks.{i}.attn.{EDITED}": partial(arm, k=k, lam=lam, mu=mu[i] if isinstance(mu, dict) else mu)
-             for i in layers}
-    patterns = {f"blocks.{i}.attn.hook_pattern": attention_received for i in observed}  # (T,) each
-    out = reduced_pass(model, x, {**patterns, **(probes or {})}, edit=edits)
-    return float(torch.stack([out.pop(name) for name in patterns]).mean(0)[k]), out
+def amplification_plan(main_layers, n_layer, observe):
+    """The readings to take, each dict(where, layers: the edited ones, mu, observed: the layers whose attention
+    to k is read, lambdas). Ours edit the main reading's layers, layer 0 or all layers, with mu over windows or
+    over positions, and read the layers whose keys at k the edit reaches; all but the main one (mu over windows)
+    at the largest lambda only (CPU time). The authors' edits every layer below L_obs with their mu and reads
+    L_obs alone."""
+    main_where = layers_name(main_layers)
+    wheres = {}  # layers -> name, the main reading's first, without repeats
+    for where, layers in ((main_where, main_layers), ("layer 0", [0]), ("all layers", list(range(n_layer)))):
+        wheres.setdefault(tuple(layers), where)
+    ours = [dict(where=where, layers=list(layers), mu=mu, observed=list(range(layers[0] + 1, n_layer)),
+                 lambdas=list(LAMBDAS if (where, mu) == (main_where, "windows") else LAMBDAS[-1:]))
+            for layers, where in wheres.items() for mu in MU_OVER]
+    return ours + [dict(where=BELOW, layers=list(range(observe)), mu=VALUES, observed=[observe],
+                        lambdas=list(AUTHORS_LAMBDAS), observe_layer=observe)]
 
 
-def reading(readings, where, mu):
-    """{arm: attention to k by lambda} of the reading named (where, mu)."""
-    return {r["arm"]: r["attention_to_k"] for r in readings if (r["where"], r["mu"]) == (where, mu)}
+def variance_amplification(model, x, k, plan, main_where, means, probes):
+    """Fig. 6: each planned reading under each arm (amplification and its two controls at the input of W_O of
+    token k) -> the readings, and the main reading (edit in main_where, mu over windows): its attention to k
+    and what its probes read, by arm and lambda."""
+    readings, probed = [], {}
+    for r in plan:
+        is_main = (r["where"], r["mu"]) == (main_where, "windows")
+        mu = means if r["mu"] == VALUES else r["mu"]
+        for arm, edit in ARMS.items():
+            passes = [amplified_pass(model, x, k, edit, lam, r["layers"], r["observed"], mu, probes if is_main else None)
+                      for lam in r["lambdas"]]
+            readings.append(r | {"arm": arm, "attention_to_k": [p["attention_to_k"] for p in passes]})
+            if is_main:
+                probed[arm] = passes
+    main = reading(readings, main_where, "windows")
+    at_top = {arm: attention[-1] for arm, attention in main.items()}  # the largest lambda
+    return {"amplification_readings": readings, "attention_to_k_variance": main["variance"],
+            "attention_to_k_scale_control": main["scale control"],
+            "attention_to_k_shift_control": main["shift control"],
+            "amplification_beats_controls": at_top["variance"] >= CONTROL_GAIN * max(at_top["scale control"],
+                                                                                    at_top["shift control"]),
+            **{name: {arm: [p[name] for p in passes] for arm, passes in probed.items()} for name in PROBED}}
 
 
 # ----------------------------------------------------------------------------- figures
@@ -308,6 +390,108 @@ def plot_authors_reading(by_arm, k, observe, path):
     save_figure(fig, path)
 
 
+def draw(metrics, run):
+    m, k = metrics, metrics["k"]
+    plot_mask(np.array(m["attention_received_baseline"]), np.array(m["attention_received_masked"]), k,
+              run.path("fig5_mask_intervention.png"))
+    plot_amplification([r for r in m["amplification_readings"] if r["where"] != BELOW], m["amplification_main"]["where"],
+                       k, run.path("fig6_variance_amplification.png"))
+    plot_authors_reading(reading(m["amplification_readings"], BELOW, VALUES), k,
+                         m["amplification_authors"]["observe_layer"], run.path("fig6_authors_reading.png"))
+
+
+# ----------------------------------------------------------------------------- report
+
+def report(metrics, subject):
+    print_tables(metrics, subject)
+    print_verdicts(metrics, subject)
+
+
+def print_tables(m, subject):
+    k, baseline, masked = m["k"], m["attention_received_baseline"], m["attention_received_masked"]
+    print(f"{subject}, {m['n_windows']} held-out windows of {len(baseline)} tokens; masked in layers {m['masked_layers']}, "
+          f"attention averaged over layers {m['measured_layers']} and their heads")
+    rows = [["attention received by token 0", baseline[0], masked[0]],
+            [f"attention received by token k = {k}", baseline[k], masked[k]],
+            ["argmax over positions >= 1", m["attention_received_argmax_baseline"], m["attention_received_argmax_masked"]]]
+    rows += [[f"attention entropy, layer {i}", before, after]
+             for i, (before, after) in enumerate(zip(m["entropy_by_layer_baseline"], m["entropy_by_layer_masked"]))]
+    print_table(rows, ["mask intervention", "baseline", "masked"])
+    neuron = m["super_neuron"]
+    print(f"\nsuper neuron: layer {neuron['layer']} unit {neuron['unit']} (row-norm z: W_gate {neuron['gate_norm_z']:.1f}, "
+          f"W_up {neuron['up_norm_z']:.1f}); largest |activation| on token 0: unit {neuron['activation_argmax_unit']} "
+          f"({'agrees' if neuron['activation_argmax_agrees'] else 'disagrees'}); its activation on token 0: "
+          f"{neuron['activation_token0']:.3g}\n")
+    main, authors = m["amplification_main"], m["amplification_authors"]
+    print(f"variance amplification, main reading (the verdict's): edit in {main['where']} ({main['layers_rule']}), "
+          "mu over windows")
+    columns = [m["superneuron_activation_at_k"], m["dominance_ratio_at_k"],
+               reading(m["amplification_readings"], main["where"], "windows")]  # each {arm: a number by lambda}
+    print_table([[lam] + [column[arm][j] for column in columns for arm in ARMS] for j, lam in enumerate(LAMBDAS)],
+                ["λ", "neuron at k", "(scale)", "(shift)", "dominance at k", "(scale)", "(shift)",
+                 "attention to k", "(scale)", "(shift)"])
+    print(f"\nvariance amplification, the authors' reading (printed beside the main one, not the verdict's): edit in "
+          f"every layer below L_obs = {authors['observe_layer']} ({authors['observe_layer_rule']}), mu = each layer's "
+          f"mean value vector over {authors['random_tokens']} random tokens; attention to k at layer "
+          f"{authors['observe_layer']} alone")
+    by_lambda = reading(m["amplification_readings"], BELOW, VALUES)
+    print_table([[lam] + [by_lambda[arm][j] for arm in ARMS] for j, lam in enumerate(AUTHORS_LAMBDAS)],
+                ["λ", "attention to k", "(scale)", "(shift)"])
+    print(f"\nattention to k = {k} at each reading's largest λ, every reading (baseline {baseline[k]:.3g})")
+    print_table([[r["where"], r["mu"], layers_name(r["observed"]), r["arm"], r["lambdas"][-1], r["attention_to_k"][-1]]
+                 for r in m["amplification_readings"]],
+                ["edit in", "mu over", "attention read in", "arm", "λ", "attention to k"])
+
+
+def print_verdicts(m, subject):
+    k, baseline, masked, u = m["k"], m["attention_received_baseline"], m["attention_received_masked"], m["token0_unit"]
+    print(f"{subject}, the chain at k under the mask: the token-0 unit (layer {u['layer']} unit {u['unit']}, found by "
+          f"activation: {u['token0_ratio']:.1f}x on token 0) gives |activation| {u['at_k_masked']:.3g} at k masked, "
+          f"{u['at_k_unmasked']:.3g} unmasked ({u['at_k_masked'] / max(u['at_k_unmasked'], 1e-12):.1f}x; "
+          f"token 0: {u['at_token0']:.3g})")
+    print(f"\n{subject}, mask, as the paper draws it (Fig. 5): k = {k} is "
+          + ("" if m["mask_peak"] == k else "not ") + f"the peak of attention received over positions 1.."
+          f"{len(baseline) - 1 - MIN_LATER_QUERIES} (those that at least {MIN_LATER_QUERIES} later queries see; peak "
+          f"{m['mask_peak']}) and receives {masked[k] / baseline[k]:.1f}x its unmasked attention (ours: at least "
+          f"{MASK_GAIN}x) -> the sink {'moves' if m['mask_peak_moved_to_k'] else 'does not move'} to k; "
+          f"{m['mask_heads_over_threshold_on_k']} of {m['mask_heads_measured']} heads give k a mean attention >= "
+          f"{SINK_THRESHOLD}")
+    print(f"{subject}, mask, stricter (Gu et al.'s threshold {SINK_THRESHOLD} on the layer mean of the attention k "
+          f"receives): the sink {'moves' if m['sink_moved_to_k'] else 'does not move'} to k = {k} (argmax "
+          f"{m['attention_received_argmax_masked']}, {masked[k]:.3g} received)")
+    observe, authors = m["amplification_authors"]["observe_layer"], reading(m["amplification_readings"], BELOW, VALUES)
+    top = {arm: attention[-1] for arm, attention in authors.items()}
+    print(f"{subject}, amplification as the authors read it (below L_obs = {observe}, attention at layer {observe} "
+          f"alone; not the verdict's reading): attention to k {authors['variance'][0]:.3g} at λ = 1, at λ = "
+          f"{AUTHORS_LAMBDAS[-1]} {top['variance']:.3g} (variance) vs {top['scale control']:.3g} (scale control) and "
+          f"{top['shift control']:.3g} (shift control); "
+          + ("a sink at k" if top["variance"] >= SINK_THRESHOLD else "no sink at k") + f" (Gu et al.'s {SINK_THRESHOLD})")
+    main = reading(m["amplification_readings"], m["amplification_main"]["where"], "windows")
+    top = {arm: attention[-1] for arm, attention in main.items()}
+    gain_over_controls = top["variance"] / max(top["scale control"], top["shift control"], 1e-12)
+    print(f"{subject}, amplification at λ = {LAMBDAS[-1]} (main reading, the verdict's: {m['amplification_main']['where']}, "
+          f"mu over windows): attention to k {top['variance']:.3g} (variance) vs {top['scale control']:.3g} (scale "
+          f"control) and {top['shift control']:.3g} (shift control), {gain_over_controls:.1f}x the larger control "
+          f"(ours: at least {CONTROL_GAIN}x) -> " + ("variance, not norm, moves attention to k"
+                                                   if m["amplification_beats_controls"] else
+                                                   "variance and norm are not separated here")
+          + "; " + ("a sink at k" if top["variance"] >= SINK_THRESHOLD else "no sink at k")
+          + f" (Gu et al.'s {SINK_THRESHOLD} on the layer mean)")
+
+
+# ----------------------------------------------------------------------------- main
+
+def parser():
+    p = script_parser(__doc__)
+    p.add_argument("--k", type=int, default=None, help="the position to turn into a sink (default 10)")
+    p.add_argument("--from_layer", type=int, default=0, help="mask in this layer and the later ones")
+    p.add_argument("--amplify_layers", default=None,
+                   help="edit these layers' aggregation output, e.g. 0-1 (default: from 0 to the token-0 unit's layer)")
+    p.add_argument("--observe_layer", type=int, default=None,
+                   help="L_obs of the authors' reading (default: the first sink layer from 1 on)")
+    return p
+
+
 def layer_range(text, n_layer):
     """'0-1' or '3' -> [0, 1] or [3]: the layers whose aggregation output --amplify_layers edits."""
     try:
@@ -321,24 +505,8 @@ def layer_range(text, n_layer):
     return layers
 
 
-def layers_name(layers):
-    """[0, 1, 2] -> 'layers 0-2'; [3] -> 'layer 3'."""
-    return f"layers {layers[0]}-{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}"
-
-
-# ----------------------------------------------------------------------------- main
-
-def main(argv=None) -> dict:
-    parser = script_parser(__doc__)
-    parser.add_argument("--k", type=int, default=None, help="the position to turn into a sink (default 10)")
-    parser.add_argument("--from_layer", type=int, default=0, help="mask in this layer and the later ones")
-    parser.add_argument("--amplify_layers", default=None,
-                        help="edit these layers' aggregation output, e.g. 0-1 (default: from 0 to the token-0 unit's layer)")
-    parser.add_argument("--observe_layer", type=int, default=None,
-                        help="L_obs of the authors' reading (default: the first sink layer from 1 on)")
-    args = setup(parser.parse_args(argv), __file__)
-    model, x, bos = studied_model(args, N_WINDOWS)  # x: (N, T) held-out windows
-    T, n_layer = x.shape[1], model.config.n_layer
+def checked_options(args, T, n_layer):
+    """-> (k, the layers --amplify_layers names or None), every option checked before the first pass."""
     k = args.k if args.k is not None else (10 if T > 10 else T // 2)
     if not 1 <= k < T - 1:
         raise InputError(f"--k {k} is outside the window of {T} tokens: choose 1..{T - 2} "
@@ -348,153 +516,38 @@ def main(argv=None) -> dict:
     if args.observe_layer is not None and not 1 <= args.observe_layer < n_layer:
         raise InputError(f"--observe_layer {args.observe_layer}: choose 1..{n_layer - 1}, so that a layer below it "
                          "can be edited")
-    masked_layers = list(range(args.from_layer, n_layer))
-    measured = list(range(args.from_layer + 1, n_layer))  # the layers whose keys at k the intervention reaches
+    return k, layer_range(args.amplify_layers, n_layer) if args.amplify_layers else None
+
+
+def main(argv=None) -> dict:
+    args = parser().parse_args(argv)
+    run = setup(args, __file__, argv=argv)
+    model, x, bos = studied_model(run, N_WINDOWS)  # x: (N, T) held-out windows
+    T, n_layer = x.shape[1], model.config.n_layer
+    k, amplify_layers = checked_options(args, T, n_layer)
     neuron = find_super_neuron(model, x)
-
-    # Mask intervention: token k attends only to itself in masked_layers.
-    baseline, masked, token0_unit_chain = mask_intervention(model, x, k, args.from_layer)
-    received_baseline, received_masked = layer_mean(baseline, measured), layer_mean(masked, measured)
-    sink = int(received_masked[1:].argmax()) + 1  # over positions >= 1
-    sink_moved = sink == k and float(received_masked[k]) >= SINK_THRESHOLD  # the stricter reading: a layer mean
-    # The paper's reading of Fig. 5: k becomes the peak of attention received, among the positions that at
-    # least MIN_LATER_QUERIES later queries see (1 .. T - m), and receives MASK_GAIN times its unmasked share.
-    peak = int(layer_mean(masked, measured, "received_seen")[1:].argmax()) + 1
-    peak_moved = peak == k and float(received_masked[k]) >= MASK_GAIN * float(received_baseline[k])
-    heads_on_k = sum(masked[i]["heads_on_k"] for i in measured)
-    entropy = {"baseline": [s["entropy"] for s in baseline], "masked": [s["entropy"] for s in masked]}
-    to_token0 = [s["to_token0"] for s in baseline]
-
-    # Variance amplification and its two controls at the input of W_O of token k.
+    metrics = {"n_windows": len(x), "k": k, "from_layer": args.from_layer, **mask_intervention(model, x, k, args.from_layer)}
     # Main reading: the layers up to the token-0 unit's, mu over windows (the docstring says why).
-    main_layers = layer_range(args.amplify_layers, n_layer) if args.amplify_layers else list(range(token0_unit_chain["layer"] + 1))
-    main_where = layers_name(main_layers)
-    wheres = {}  # layers -> name, the main reading first, without repeats
-    for where, layers in ((main_where, main_layers), ("layer 0", [0]), ("all layers", list(range(n_layer)))):
-        wheres.setdefault(tuple(layers), where)
-    # Each reading: (where, the edited layers, mu, the layers whose attention to k is read, lambdas). Ours read
-    # the layers whose keys at k the edit reaches; all but the main one at the largest lambda only (CPU time).
-    plan = [(where, list(layers), mu, list(range(layers[0] + 1, n_layer)),
-             LAMBDAS if (where, mu) == (main_where, "windows") else LAMBDAS[-1:])
-            for layers, where in wheres.items() for mu in MU_OVER]
+    main_layers = amplify_layers or list(range(metrics["token0_unit"]["layer"] + 1))
+    main_rule = "--amplify_layers" if amplify_layers else "up to the token-0 unit's layer"
     # The authors' reading: mu from the values of the layers below L_obs on random tokens, attention at L_obs alone.
     if args.observe_layer is None:
-        observe, observe_why = observe_layer(to_token0)
+        observe, observe_why = observe_layer(metrics["sink_rate_by_layer"], metrics["first_token_attention_by_layer"])
     else:
         observe, observe_why = args.observe_layer, "--observe_layer"
-    vocabulary = 256 if args.model == "trained" else model.config.vocab_size  # bytes, or the pretrained vocabulary
-    x_random = random_token_windows(math.ceil(RANDOM_TOKENS / T), T, bos, torch.Generator().manual_seed(args.seed + 1),
-                                    vocabulary).to(args.device)  # (RANDOM_TOKENS / T rounded up, T)
-    means = value_means(model, x_random, range(observe))
-    plan.append((BELOW, list(range(observe)), VALUES, [observe], AUTHORS_LAMBDAS))
-    neuron_hook, last_input = f"blocks.{neuron['layer']}.mlp.hook_hidden", f"blocks.{n_layer - 1}.hook_resid_in"
-    probes = {neuron_hook: lambda hidden: float(hidden[:, k, neuron["unit"]].mean()),  # the referee's controls
-              last_input: partial(residual_at_k, k=k)}
-    readings, probed = [], {arm: [] for arm in ARMS}
-    for where, layers, mu, observed, lambdas in plan:
-        is_main = (where, mu) == (main_where, "windows")
-        for arm, edit in ARMS.items():
-            attention = []
-            for lam in lambdas:
-                score, out = amplified_pass(model, x, k, edit, lam, layers, observed, means if mu == VALUES else mu,
-                                            probes if is_main else None)
-                attention.append(score)
-                if is_main:
-                    probed[arm].append(out)
-            readings.append(dict(where=where, layers=layers, mu=mu, observed=observed, arm=arm, lambdas=list(lambdas),
-                                 attention_to_k=attention) | ({"observe_layer": observe} if where == BELOW else {}))
-    main_reading, authors = reading(readings, main_where, "windows"), reading(readings, BELOW, VALUES)
-    at_top = {arm: attention[-1] for arm, attention in main_reading.items()}  # the main reading, largest lambda
-    beats_controls = at_top["variance"] >= CONTROL_GAIN * max(at_top["scale control"], at_top["shift control"])
-    neuron_at_k = {arm: [out[neuron_hook] for out in outs] for arm, outs in probed.items()}
-    dominance_at_k = {arm: [out[last_input][0] for out in outs] for arm, outs in probed.items()}
-    rms_ratio_at_k = {arm: [out[last_input][1] for out in outs] for arm, outs in probed.items()}
-
-    metrics = {
-        "n_windows": len(x), "k": k, "from_layer": args.from_layer,
-        "masked_layers": masked_layers, "measured_layers": measured,
-        "attention_received_baseline": received_baseline.tolist(),
-        "attention_received_masked": received_masked.tolist(),
-        "sink_moved_to_k": sink_moved,
-        "mask_peak": peak, "mask_peak_moved_to_k": peak_moved, "mask_min_later_queries": MIN_LATER_QUERIES,
-        "mask_heads_on_k": heads_on_k, "mask_heads_measured": len(measured) * model.config.n_head,
-        "entropy_by_layer_baseline": entropy["baseline"], "entropy_by_layer_masked": entropy["masked"],
-        "attention_to_token0_by_layer": to_token0,
-        "lambdas": list(LAMBDAS),
-        "amplification_main": dict(where=main_where, layers=main_layers, mu="windows"),
-        "amplification_authors": dict(where=BELOW, layers=list(range(observe)), mu=VALUES, observe_layer=observe,
-                                      observe_layer_rule=observe_why, random_tokens=x_random.numel(),
-                                      lambdas=list(AUTHORS_LAMBDAS)),
-        "amplification_readings": readings,
-        "attention_to_k_variance": main_reading["variance"],  # the main reading, by lambda
-        "attention_to_k_scale_control": main_reading["scale control"],
-        "attention_to_k_shift_control": main_reading["shift control"],
-        "amplification_beats_controls": beats_controls,
-        "super_neuron": neuron,
-        "token0_unit": token0_unit_chain,
-        "superneuron_activation_at_k": neuron_at_k,
-        "dominance_ratio_at_k": dominance_at_k,
-        "rms_ratio_at_k": rms_ratio_at_k,
-    }
-    write_metrics(metrics, args.script_dir)
-    plot_mask(received_baseline.numpy(), received_masked.numpy(), k, os.path.join(args.script_dir, "fig5_mask_intervention.png"))
-    plot_amplification([r for r in readings if r["where"] != BELOW], main_where, k,
-                       os.path.join(args.script_dir, "fig6_variance_amplification.png"))
-    plot_authors_reading(authors, k, observe, os.path.join(args.script_dir, "fig6_authors_reading.png"))
-
-    print(f"{args.subject}, {len(x)} held-out windows of {T} tokens; masked in layers {masked_layers}, "
-          f"attention averaged over layers {measured} and their heads")
-    rows = [["attention received by token 0", float(received_baseline[0]), float(received_masked[0])],
-            [f"attention received by token k = {k}", float(received_baseline[k]), float(received_masked[k])],
-            ["argmax over positions >= 1", int(received_baseline[1:].argmax()) + 1, sink]]
-    rows += [[f"attention entropy, layer {i}", entropy["baseline"][i], entropy["masked"][i]] for i in range(n_layer)]
-    print_table(rows, ["mask intervention", "baseline", "masked"])
-    print(f"\nsuper neuron: layer {neuron['layer']} unit {neuron['unit']} (row-norm z: W_gate {neuron['gate_norm_z']:.1f}, "
-          f"W_up {neuron['up_norm_z']:.1f}); largest |activation| on token 0: unit {neuron['activation_argmax_unit']} "
-          f"({'agrees' if neuron['agree'] else 'disagrees'}); its activation on token 0: "
-          f"{neuron['activation_token0']:.3g}\n")
-    print(f"variance amplification, main reading (the verdict's): edit in {main_where} ("
-          + ("--amplify_layers" if args.amplify_layers else "up to the token-0 unit's layer") + "), mu over windows")
-    print_table([[lam] + [neuron_at_k[arm][j] for arm in ARMS] + [dominance_at_k[arm][j] for arm in ARMS]
-                 + [main_reading[arm][j] for arm in ARMS] for j, lam in enumerate(LAMBDAS)],
-                ["λ", "neuron at k", "(scale)", "(shift)", "dominance at k", "(scale)", "(shift)",
-                 "attention to k", "(scale)", "(shift)"])
-    print(f"\nvariance amplification, the authors' reading (printed beside the main one, not the verdict's): edit in "
-          f"every layer below L_obs = {observe} ({observe_why}), mu = each layer's mean value vector over "
-          f"{x_random.numel()} random tokens; attention to k at layer {observe} alone")
-    print_table([[lam] + [authors[arm][j] for arm in ARMS] for j, lam in enumerate(AUTHORS_LAMBDAS)],
-                ["λ", "attention to k", "(scale)", "(shift)"])
-    print(f"\nattention to k = {k} at each reading's largest λ, every reading (baseline {float(received_baseline[k]):.3g})")
-    print_table([[r["where"], r["mu"], layers_name(r["observed"]), r["arm"], r["lambdas"][-1], r["attention_to_k"][-1]]
-                 for r in readings],
-                ["edit in", "mu over", "attention read in", "arm", "λ", "attention to k"])
-    u = token0_unit_chain
-    print(f"{args.subject}, the chain at k under the mask: the token-0 unit (layer {u['layer']} unit {u['unit']}, found by activation: "
-          f"{u['token0_ratio']:.1f}x on token 0) gives |activation| {u['at_k_masked']:.3g} at k masked, "
-          f"{u['at_k_unmasked']:.3g} unmasked ({u['at_k_masked'] / max(u['at_k_unmasked'], 1e-12):.1f}x; "
-          f"token 0: {u['at_token0']:.3g})")
-    gain = float(received_masked[k] / received_baseline[k])
-    print(f"\n{args.subject}, mask, as the paper draws it (Fig. 5): k = {k} is "
-          + ("" if peak == k else "not ") + f"the peak of attention received over positions 1..{T - 1 - MIN_LATER_QUERIES} "
-          f"(those that at least {MIN_LATER_QUERIES} later queries see; peak {peak}) and receives {gain:.1f}x its unmasked "
-          f"attention (ours: at least {MASK_GAIN}x) -> the sink {'moves' if peak_moved else 'does not move'} to k; "
-          f"{heads_on_k} of {len(measured) * model.config.n_head} heads give k a mean attention >= {SINK_THRESHOLD}")
-    print(f"{args.subject}, mask, stricter (Gu et al.'s threshold {SINK_THRESHOLD} on the layer mean): the sink "
-          f"{'moves' if sink_moved else 'does not move'} to k = {k} (argmax {sink}, {float(received_masked[k]):.3g} received)")
-    top = {arm: attention[-1] for arm, attention in authors.items()}
-    print(f"{args.subject}, amplification as the authors read it (below L_obs = {observe}, attention at layer {observe} "
-          f"alone; not the verdict's reading): attention to k {authors['variance'][0]:.3g} at λ = 1, at λ = "
-          f"{AUTHORS_LAMBDAS[-1]} {top['variance']:.3g} (variance) vs {top['scale control']:.3g} (scale control) and "
-          f"{top['shift control']:.3g} (shift control); "
-          + ("a sink at k" if top["variance"] >= SINK_THRESHOLD else "no sink at k") + f" (Gu et al.'s {SINK_THRESHOLD})")
-    gain_over_controls = at_top["variance"] / max(at_top["scale control"], at_top["shift control"], 1e-12)
-    print(f"{args.subject}, amplification at λ = {LAMBDAS[-1]} (main reading, the verdict's: {main_where}, mu over "
-          f"windows): attention to k {at_top['variance']:.3g} (variance) vs {at_top['scale control']:.3g} (scale "
-          f"control) and {at_top['shift control']:.3g} (shift control), {gain_over_controls:.1f}x the larger control "
-          f"(ours: at least {CONTROL_GAIN}x) -> " + ("variance, not norm, moves attention to k" if beats_controls else
-                                                   "variance and norm are not separated here")
-          + "; " + ("a sink at k" if at_top["variance"] >= SINK_THRESHOLD else "no sink at k")
-          + f" (Gu et al.'s {SINK_THRESHOLD} on the layer mean)")
+    means, n_random = random_value_means(model, run, T, bos, range(observe))
+    plan = amplification_plan(main_layers, n_layer, observe)
+    metrics |= {"lambdas": list(LAMBDAS),
+                "amplification_main": dict(where=layers_name(main_layers), layers=main_layers, mu="windows",
+                                           layers_rule=main_rule),
+                "amplification_authors": dict(where=BELOW, layers=list(range(observe)), mu=VALUES, observe_layer=observe,
+                                              observe_layer_rule=observe_why, random_tokens=n_random,
+                                              lambdas=list(AUTHORS_LAMBDAS)),
+                **variance_amplification(model, x, k, plan, layers_name(main_layers), means, probes_at_k(neuron, k, n_layer)),
+                "super_neuron": neuron}
+    metrics = write_metrics(metrics, run)
+    draw(metrics, run)
+    report(metrics, run.subject)
     return metrics
 
 

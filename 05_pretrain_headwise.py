@@ -142,9 +142,9 @@ def mean_over_seeds(per_seed):
 
 # ----------------------------------------------------------------------------- the time it will take
 
-def is_cached(profile, attn, seed, data, device, out_dir, steps=None):
+def is_cached(profile, attn, seed, data, device, out_dir, steps=None, compile=None):
     """This very run (its configs, data and environment) is in the cache; an older recipe's file is not."""
-    return os.path.exists(checkpoint_path(profile, attn, seed, data, device, out_dir, steps)[0])
+    return os.path.exists(checkpoint_path(profile, attn, seed, data, device, out_dir, steps, compile)[0])
 
 
 def step_plan(arm, profile, data, device, micro_batch=None):
@@ -316,7 +316,8 @@ def main(argv=None) -> dict:
     model_cfg, train_cfg = profile_configs(args.profile, steps=args.steps)
     args.script_dir = os.path.join(args.script_dir, args.profile + (f"-{args.steps}steps" if args.steps else ""))
     os.makedirs(args.script_dir, exist_ok=True)
-    run = dict(data=args.dataset, device=args.device, out_dir=args.out_dir, steps=args.steps)
+    run = dict(data=args.dataset, device=args.device, out_dir=args.out_dir, steps=args.steps,
+               compile=False if args.no_compile else None)
 
     if rank == 0:  # the estimate, for every run still to train
         to_train = [(v, s) for v in variants for s in seeds if not is_cached(args.profile, v, s, **run)]
@@ -333,8 +334,7 @@ def main(argv=None) -> dict:
     curves, analyses = {}, {}
     for seed in seeds:  # a paired design: within a seed, every variant sees the same windows in the same order
         for variant in variants:
-            model, history = trained_model(args.profile, variant, seed, **run, micro_batch=args.micro_batch,
-                                           compile=False if args.no_compile else None)
+            model, history = trained_model(args.profile, variant, seed, **run, micro_batch=args.micro_batch)
             if rank == 0:  # the others go on to the next training
                 curves.setdefault(variant, {})[str(seed)] = history["val_loss"]
                 analyses.setdefault(variant, []).append(analyse(model.eval(), x.to(args.device)))

@@ -6,20 +6,22 @@ one `error:` line with exit code 2.
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 
 import matplotlib
 
-matplotlib.use("Agg")  # files only, no window
+matplotlib.use("Agg")  # files only, no window: every script imports this module before pyplot
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
 from data import ByteData, held_out_tokens, load_corpus
-from model import InputError
-from pretrained import load_pretrained
-from training import PROFILES, profile_configs, trained_model
+from model import GPT, InputError
+from pretrained import load_pretrained, smollm2_path
+from training import PROFILES, device_precision, profile_configs, trained_model
 
 
 N_WINDOWS = 64  # held-out windows that every script measures on (PRETRAINED_N_WINDOWS for a pretrained model)
@@ -57,7 +59,8 @@ def script_parser(doc, cpu_profile="cpu", pretrained=True):
                              "over the profile's batch (the same training within float tolerance); default: the "
                              "largest that fits on CUDA, found before training; elsewhere the whole batch")
     parser.add_argument("--no_compile", action="store_true",
-                        help="train without torch.compile (on CUDA it is on by default; on the CPU always off)")
+                        help="train without torch.compile (by default it compiles on CUDA, and on the CPU for runs of 10M tokens "
+                             "or more: the cpu and cpu_bos profiles)")
     if pretrained:
         parser.add_argument("--model", default="trained",
                             help="trained (the profile's model, trained here and cached; default), smollm2-135m, or "
@@ -65,67 +68,116 @@ def script_parser(doc, cpu_profile="cpu", pretrained=True):
     return parser
 
 
-def setup(args, script_file, cpu_profile="cpu", torchrun=False):
-    """Resolve the common options: device, profile, data, output folder; seeds torch.
+@dataclass
+class Run:
+    """What setup resolved from the command line: the studied subject, where it runs, where results go."""
+    argv: list  # the command line as given
+    script: str  # e.g. "01_variance"
+    device: torch.device
+    seed: int
+    model: str  # "trained", or the pretrained model's name or path (--model)
+    profile: str  # the trained model's profile (with a pretrained model: unused)
+    subject: str  # how results name the studied model: "cpu model", "smollm2-135m"
+    dataset: object  # ByteData for a trained model, the held-out token windows for a pretrained one
+    folder: str  # where metrics.json and the figures go
+    out_dir: str  # --out_dir: the checkpoint cache lives in out_dir/checkpoints
+    micro_batch: int | None  # --micro_batch
+    compile: bool | None  # None: training's default (training.compiles); False: --no_compile
+    pretrained: GPT | None = None  # the pretrained model, loaded once by setup
+
+    def path(self, name):
+        """A file of this run's folder."""
+        return os.path.join(self.folder, name)
+
+    def record(self):
+        """What metrics.json says about the run that made it."""
+        if self.pretrained is None:
+            subject = {"profile": self.profile}
+            precision = device_precision(self.device)
+        else:
+            path = smollm2_path() if self.model == "smollm2-135m" else self.model
+            files = [os.path.join(root, f) for root, _, names in os.walk(path) for f in names] if os.path.isdir(path) else [path]
+            subject = {"pretrained": os.path.basename(os.path.normpath(path)), "bytes": sum(map(os.path.getsize, files))}
+            precision = str(next(self.pretrained.parameters()).dtype).removeprefix("torch.")
+        return {"argv": self.argv, "script": self.script, "seed": self.seed, "subject": self.subject, **subject,
+                "device": str(self.device), "precision": precision, "torch": str(torch.__version__),
+                "commit": git_commit()}
+
+
+def git_commit():
+    """The repository's commit (with "+changes" when files differ from it), or None outside git."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                 capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit.stdout.strip() + ("+changes" if changed.stdout.strip() else "")
+
+
+def setup(args, script_file, cpu_profile="cpu", torchrun=False, argv=None):
+    """Resolve the common options into a Run: device, profile, data, output folder; seeds torch.
     The default profile is gpu on CUDA, else cpu_profile. torchrun: the script trains under torchrun
-    (05); the others stop there, before any model loads, rather than run once per process."""
+    (05); the others stop there, before any model loads, rather than run once per process.
+    argv: the command line main() was given (default: sys.argv's), kept in metrics.json."""
     processes = int(os.environ.get("WORLD_SIZE", 1))
+    script = os.path.splitext(os.path.basename(script_file))[0]
     if processes > 1 and not torchrun:
-        name = os.path.basename(script_file)
-        raise InputError(f"{name} runs in one process, not under torchrun ({processes} processes here): of the "
-                         f"scripts, only 05_pretrain_headwise.py trains under torchrun; run python {name} alone")
-    args.device = pick_device(args.device)
-    args.model = getattr(args, "model", "trained")
-    if args.model != "trained" and (args.quick or args.profile is not None):
+        raise InputError(f"{script}.py runs in one process, not under torchrun ({processes} processes here): of the "
+                         f"scripts, only 05_pretrain_headwise.py trains under torchrun; run python {script}.py alone")
+    device = pick_device(args.device)
+    model = getattr(args, "model", "trained")
+    if model != "trained" and (args.quick or args.profile is not None):
         raise InputError("--quick and --profile choose the model we train; they cannot be combined with --model")
     if args.quick and args.profile not in (None, "tiny"):
         raise InputError(f"--quick is the tiny profile; it cannot be combined with --profile {args.profile}")
-    args.profile = "tiny" if args.quick else args.profile or ("gpu" if args.device.type == "cuda" else cpu_profile)
-    model_cfg, train_cfg = profile_configs(args.profile)
-    args.script_dir = os.path.join(args.out_dir, os.path.splitext(os.path.basename(script_file))[0])
-    if args.model == "trained":
+    profile = "tiny" if args.quick else args.profile or ("gpu" if device.type == "cuda" else cpu_profile)
+    model_cfg, train_cfg = profile_configs(profile)
+    folder, pretrained = os.path.join(args.out_dir, script), None
+    if model == "trained":
         name = train_cfg.corpus if args.data is None else os.path.basename(args.data)
-        args.dataset = ByteData(load_corpus(args.data, train_cfg.corpus), model_cfg.block_size, name)
-        args.subject = f"{args.profile} model"
+        dataset = ByteData(load_corpus(args.data, train_cfg.corpus), model_cfg.block_size, name)
+        subject = f"{profile} model"
     else:  # a pretrained model: loaded once here, its held-out windows in its own tokens
-        args.pretrained, tokenizer = load_pretrained(args.model, args.device)
-        window = min(PRETRAINED_WINDOW, args.pretrained.config.block_size)
-        args.dataset = held_out_tokens(tokenizer, window, None if args.data is None else load_corpus(args.data))
-        args.subject = os.path.basename(os.path.normpath(args.model)).removesuffix(".gguf")
-        args.script_dir = os.path.join(args.script_dir, args.subject)
+        pretrained, tokenizer = load_pretrained(model, device)
+        window = min(PRETRAINED_WINDOW, pretrained.config.block_size)
+        dataset = held_out_tokens(tokenizer, window, None if args.data is None else load_corpus(args.data))
+        subject = os.path.basename(os.path.normpath(model)).removesuffix(".gguf")
+        folder = os.path.join(folder, subject)
+    make_folder(folder, args.out_dir)
+    torch.manual_seed(args.seed)
+    return Run(argv=list(sys.argv[1:] if argv is None else argv), script=script, device=device, seed=args.seed,
+               model=model, profile=profile, subject=subject, dataset=dataset, folder=folder, out_dir=args.out_dir,
+               micro_batch=args.micro_batch, compile=False if args.no_compile else None, pretrained=pretrained)
+
+
+def make_folder(folder, out_dir):
+    """Create the folder and check that it can be written to: fail now, not after minutes of training."""
     try:
-        os.makedirs(args.script_dir, exist_ok=True)
-        with tempfile.TemporaryFile(dir=args.script_dir):  # fail now, not after minutes of training
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        raise InputError(f"cannot write to --out_dir {args.out_dir}: {e.strerror}") from None
-    torch.manual_seed(args.seed)
-    return args
+        raise InputError(f"cannot write to --out_dir {out_dir}: {e.strerror}") from None
 
 
-def studied_model(args, n_windows, seed_offset=0):
+def studied_model(run, n_windows, seed_offset=0):
     """The model a script studies (eval mode) and n_windows of its held-out windows on the device:
     (model, x (n_windows, T), bos). The trained model comes from the cache, or is trained now."""
-    if args.model == "trained":
-        model, _ = trained_model(args.profile, "softmax", args.seed, args.dataset, args.device, args.out_dir,
-                                 micro_batch=args.micro_batch, compile=False if args.no_compile else None)
-        bos = profile_configs(args.profile)[1].bos
+    if run.pretrained is None:
+        model, _ = trained_model(run.profile, "softmax", run.seed, run.dataset, run.device, run.out_dir,
+                                 micro_batch=run.micro_batch, compile=run.compile)
+        bos = profile_configs(run.profile)[1].bos
     else:
-        model, bos, n_windows = args.pretrained, False, min(n_windows, PRETRAINED_N_WINDOWS)
-    x, _ = args.dataset.windows("val", n_windows, bos, torch.Generator().manual_seed(args.seed + seed_offset))
-    return model.eval(), x.to(args.device), bos
+        model, bos, n_windows = run.pretrained, False, min(n_windows, PRETRAINED_N_WINDOWS)
+    x, _ = run.dataset.windows("val", n_windows, bos, torch.Generator().manual_seed(run.seed + seed_offset))
+    return model.eval(), x.to(run.device), bos
 
 
 def layer_ticks(layers):
     """At most about 15 layer numbers on a plot's axis (SmolLM2 has 30 layers)."""
     return layers[::max(1, len(layers) // 15)]
-
-
-def record(model, x, names, **hooks):
-    """One forward pass of x without gradients under `hooks` (edit, mask, mask_layers): {name: recorded tensor}."""
-    with torch.no_grad(), model.hooks(record=names, **hooks) as cache:
-        model(x)
-    return cache
 
 
 def save_figure(fig, path):
@@ -152,9 +204,12 @@ def plot_head_entropy(names, entropy, variance, uniform_entropy, title, path):
     save_figure(fig, path)
 
 
-def write_metrics(metrics, folder):
-    with open(os.path.join(folder, "metrics.json"), "w") as f:
+def write_metrics(metrics, run):
+    """metrics.json in the run's folder, its first entry `run`: what made it (Run.record)."""
+    metrics = {"run": run.record(), **metrics}
+    with open(run.path("metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
+    return metrics
 
 
 def print_table(rows, header):

@@ -9,9 +9,11 @@ import math
 import numpy as np
 import torch
 
-SINK_THRESHOLD = 0.3  # Gu et al. (ICLR 2025): a head whose mean attention to token 0 is at least this is a sink head
+SINK_THRESHOLD = 0.3  # Gu et al. (ICLR 2025): a head whose mean attention to token 0 is above this is a sink head
+SINK_LAYER_SHARE = 0.5  # ours: a sink layer has Gu et al.'s sink rate at least this (half its heads and windows)
 SPIKE_NORM_RATIO = 2.0  # ours, not the paper's: token 0's L2 norm at least 2x the others' mean is the norm spike
 MIN_LATER_QUERIES = 8  # ours: a key must be seen by at least 8 later queries for its attention received to count
+SUPER_NEURON_Z = 3.0  # ours: a super neuron has a row-norm z-score at least this in both W_gate and W_up
 
 
 def row_normalized(pattern):
@@ -24,17 +26,24 @@ def first_token_attention(pattern):
     return row_normalized(pattern)[:, :, 1:, 0].mean(dim=(0, 2))
 
 
-def head_sink_scores(pattern):
-    """(B, H, T, T) -> (H,): each head's mean attention to token 0 over all the queries that can
-    see it (t >= 0), the score of Gu et al.'s sink metric."""
-    return row_normalized(pattern)[:, :, :, 0].mean(dim=(0, 2))
+def sink_scores(pattern):
+    """(B, H, T, T) -> (B, H): Gu et al.'s score of each head in each window, alpha = the mean over
+    every query i >= 0 of its (row-normalised) attention to token 0."""
+    return row_normalized(pattern)[:, :, :, 0].mean(-1)
 
 
 def sink_rate(patterns, threshold=SINK_THRESHOLD):
-    """[(B, H, T, T) per layer] -> (rate per layer, rate over all layers): the share of heads whose
-    sink score is at least threshold (Gu et al.'s sink rate, epsilon = 0.3)."""
-    is_sink = [head_sink_scores(p) >= threshold for p in patterns]  # (H,) bool each
+    """Gu et al.'s sink rate (ICLR 2025; sail-sg/Attention-Sink, compute_attention_sink):
+    [(B, H, T, T) per layer] -> (rate per layer, rate over all layers). A head is a sink in a window
+    when its score there is above the threshold, alpha > 0.3, and the rate is the share of (window,
+    head) pairs that are: each window is thresholded before any average over windows."""
+    is_sink = [sink_scores(p) > threshold for p in patterns]  # (B, H) bool each
     return [float(s.float().mean()) for s in is_sink], float(torch.cat(is_sink).float().mean())
+
+
+def first_sink_layer(rate_by_layer, from_layer=0, share=SINK_LAYER_SHARE):
+    """The first layer, from from_layer on, whose sink rate (sink_rate's, per layer) is at least share; or None."""
+    return next((i for i, rate in enumerate(rate_by_layer) if i >= from_layer and rate >= share), None)
 
 
 def attention_received(pattern, min_later=1):
@@ -54,10 +63,11 @@ def head_attention_received(pattern, j):
 
 
 def attention_entropy_by_head(pattern, skip=()):
-    """(B, H, T, T) -> (H,): mean entropy (nats) of the query rows t >= 1 not in skip. Row 0 sees
-    only itself (entropy 0), and so does row k under the mask: they would only pull the mean down."""
+    """(B, H, T, T) -> (H,): mean entropy (nats) of the query rows t >= 1 not in skip, each row
+    normalised first (sigmoid weights are not shares). Row 0 sees only itself (entropy 0), and so
+    does row k under the mask: they would only pull the mean down."""
     rows = [t for t in range(1, pattern.shape[-2]) if t not in skip]
-    p = pattern[:, :, rows]  # (B, H, rows, T)
+    p = row_normalized(pattern[:, :, rows])  # (B, H, rows, T)
     return -(p * p.clamp_min(1e-30).log()).sum(-1).mean(dim=(0, 2))
 
 
@@ -104,10 +114,20 @@ def mean_effective_rank(x):
     return float(np.mean([effective_rank(window) for window in x]))
 
 
-def row_norm_zscores(mlp):
-    """(z of W_gate row norms, z of W_up row norms), each (ffn_dim,): one per hidden unit (Fig. 8)."""
-    norms = [w.weight.detach().float().cpu().norm(dim=1) for w in (mlp.w_gate, mlp.w_up)]  # (ffn,) each
-    return tuple((n - n.mean()) / n.std().clamp_min(1e-12) for n in norms)
+def row_norms(weight):
+    """(rows, C) weight -> (rows,): the L2 norm of each row, in float32 on the CPU."""
+    return weight.detach().float().cpu().norm(dim=1)
+
+
+def zscores(values):
+    """(n,) -> (n,): each value's distance from the mean, in standard deviations."""
+    return (values - values.mean()) / values.std().clamp_min(1e-12)
+
+
+def row_norm_zscores(w_gate, w_up):
+    """W_gate, W_up (ffn, C) each -> (z of W_gate row norms, z of W_up row norms), each (ffn,): one per
+    hidden unit (Fig. 8)."""
+    return zscores(row_norms(w_gate)), zscores(row_norms(w_up))
 
 
 def early_layers(n_layer):
@@ -115,21 +135,21 @@ def early_layers(n_layer):
     return list(range(min(n_layer, max(2, n_layer // 4))))
 
 
-def top_super_neuron(model):
-    """(layer, unit): the FFN unit of the early layers with the largest z(W_gate row) + z(W_up row)."""
-    def best(layer):
-        z_gate, z_up = row_norm_zscores(model.blocks[layer].mlp)
-        return float((z_gate + z_up).max()), layer, int((z_gate + z_up).argmax())
-    _, layer, unit = max(best(layer) for layer in early_layers(model.config.n_layer))
-    return layer, unit
+def unit_with_largest_row_norms(zscores_by_layer):
+    """The super neuron found by its weights: {layer: (z_gate, z_up), (ffn,) each} -> (layer, unit),
+    the unit with the largest z(W_gate row norm) + z(W_up row norm) (the paper's Fig. 8)."""
+    best = max((float((z_gate + z_up).max()), layer, int((z_gate + z_up).argmax()))
+               for layer, (z_gate, z_up) in zscores_by_layer.items())
+    return best[1], best[2]
 
 
-def token0_argmax_unit(hidden):
-    """(N, T, ffn) -> the unit with the largest mean |activation| on token 0 (Yu et al.'s super neuron)."""
+def unit_most_active_on_token0(hidden):
+    """(N, T, ffn) -> the unit with the largest mean |activation| on token 0 (Yu et al.'s super neuron;
+    T may be 1: only token 0 is read)."""
     return int(hidden[:, 0].abs().mean(0).argmax())
 
 
-def token0_unit(hidden_by_layer):
+def unit_most_selective_for_token0(hidden_by_layer):
     """The FFN unit that fires most on token 0 against the others, found by its activations:
     {layer: (N, T, ffn) hidden activations} -> (layer, unit, mean |act| on token 0 / mean on t >= 1)."""
     best = (0.0, 0, 0)
@@ -137,6 +157,24 @@ def token0_unit(hidden_by_layer):
         ratio = hidden[:, 0].abs().mean(0) / hidden[:, 1:].abs().mean(dim=(0, 1)).clamp_min(1e-12)  # (ffn,)
         best = max(best, (float(ratio.max()), layer, int(ratio.argmax())))
     return best[1], best[2], best[0]
+
+
+def token0_activation_ratio(hidden, unit):
+    """(N, T, ffn) activations -> mean |activation| of `unit` on token 0 over its mean on t >= 1."""
+    a = hidden[..., unit].abs()
+    return float(a[:, 0].mean() / a[:, 1:].mean().clamp_min(1e-12))
+
+
+def super_neuron_record(layer, unit, z_gate, z_up, hidden, z_threshold=SUPER_NEURON_Z):
+    """What 02 and 04 report about an FFN unit found by its weights, with Yu et al.'s cross-check by
+    activation: z_gate, z_up (ffn,) the row-norm z-scores of its layer; hidden (N, T, ffn) its layer's
+    activations on the held-out windows."""
+    most_active = unit_most_active_on_token0(hidden)
+    return dict(layer=layer, unit=unit, gate_norm_z=float(z_gate[unit]), up_norm_z=float(z_up[unit]),
+                rule_met=bool(z_gate[unit] >= z_threshold and z_up[unit] >= z_threshold),
+                token0_activation_ratio=token0_activation_ratio(hidden, unit),
+                activation_token0=float(hidden[:, 0, unit].mean()),
+                activation_argmax_unit=most_active, activation_argmax_agrees=most_active == unit)
 
 
 def variance_by_position(head_out):

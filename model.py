@@ -4,6 +4,7 @@ A small Llama-style GPT with four attention variants and hook points to record a
   GPTConfig     the shape, and which attention: softmax | sigmoid | headwise | gated
   RMSNorm, RoPE, CausalSelfAttention, SwiGLU, Block, GPT: the model, top to bottom
   GPT.hooks     record or edit any intermediate tensor: `with model.hooks(record=...) as cache`
+  GPT.run_with_cache  one pass without gradients under those hooks -> (logits, cache)
   self_only_mask  the mask under which token k attends only to itself (04's intervention)
 
 The data, the training loop, the paper's measures and the pretrained loaders live in their own
@@ -93,7 +94,7 @@ class HookPoint(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.name, self.store, self.edit = "", None, None
+        self.name, self.store, self.edit, self.reduce = "", None, None, None
 
     @property
     def active(self):
@@ -106,7 +107,8 @@ class HookPoint(nn.Module):
         if self.edit is not None:
             x = self.edit(x)
         if self.store is not None:
-            self.store[self.name] = x.detach().float().cpu()
+            copy = x.detach().float().cpu()
+            self.store[self.name] = copy if self.reduce is None else self.reduce(copy)
         return x
 
 
@@ -190,8 +192,10 @@ class SwiGLU(nn.Module):
         self.w_up = nn.Linear(config.n_embd, config.ffn_dim, bias=False)
         self.w_down = nn.Linear(config.ffn_dim, config.n_embd, bias=False)
         self.w_down.is_residual_projection = True
-        for name in ("gate", "up", "hidden", "out"):
-            setattr(self, f"hook_{name}", HookPoint())
+        self.hook_gate = HookPoint()  # (B, T, ffn_dim) W_gate x
+        self.hook_up = HookPoint()  # (B, T, ffn_dim) W_up x
+        self.hook_hidden = HookPoint()  # (B, T, ffn_dim) silu(W_gate x) * W_up x: one column per hidden unit
+        self.hook_out = HookPoint()  # (B, T, C) the FFN's output, W_down hidden
 
     def forward(self, x):  # (B, T, C)
         gate, up = self.hook_gate(self.w_gate(x)), self.hook_up(self.w_up(x))  # (B, T, ffn_dim)
@@ -204,11 +208,12 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm, self.attn = RMSNorm(config.n_embd, config.norm_eps), CausalSelfAttention(config)
         self.mlp_norm, self.mlp = RMSNorm(config.n_embd, config.norm_eps), SwiGLU(config)
-        self.hook_resid_in, self.hook_attn_in = HookPoint(), HookPoint()
+        self.hook_resid_in = HookPoint()  # (B, T, C) the residual stream entering the block
+        self.hook_attn_in = HookPoint()  # (B, T, C) the attention's input: after RMSNorm, gain included
 
     def forward(self, x, cos, sin):
-        x = self.hook_resid_in(x)  # the residual stream entering the block (B, T, C)
-        x = x + self.attn(self.hook_attn_in(self.attn_norm(x)), cos, sin)  # attn_in: after RMSNorm, gain included
+        x = self.hook_resid_in(x)
+        x = x + self.attn(self.hook_attn_in(self.attn_norm(x)), cos, sin)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -238,24 +243,47 @@ class GPT(nn.Module):
                 calibrate_head_norm_gain(block.attn)
 
     def forward(self, idx, targets=None):  # idx (B, T) token ids
-        T = idx.shape[1]
-        if T > self.config.block_size:
-            raise InputError(f"sequence of {T} tokens is longer than the model's window of {self.config.block_size}")
-        x = self.tok_emb(idx)  # (B, T, C)
-        for block in self.blocks:
-            x = block(x, self.rope_cos[:T], self.rope_sin[:T])
+        x = self.residual_stream(idx)  # (B, T, C)
         logits = self.lm_head(self.final_norm(self.hook_resid_final(x))).float()  # (B, T, vocab)
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return logits, loss
 
+    def residual_stream(self, idx, n_blocks=None):
+        """The residual stream (B, T, C) of idx (B, T) after the first n_blocks blocks (default: all)."""
+        T = idx.shape[1]
+        if T > self.config.block_size:
+            raise InputError(f"sequence of {T} tokens is longer than the model's window of {self.config.block_size}")
+        x = self.tok_emb(idx)  # (B, T, C)
+        for block in self.blocks[:n_blocks]:
+            x = block(x, self.rope_cos[:T], self.rope_sin[:T])
+        return x
+
+    @torch.no_grad()
+    def run_with_cache(self, idx, record=(), reduce=None, last_layer=None, **hooks):
+        """One forward pass of idx (B, T) without gradients -> (logits (B, T, vocab), cache).
+        record: hook names or patterns, as `hooks` takes them; cache[name] is a float32 CPU copy.
+        reduce: {hook name or pattern: function}: cache[name] is function(that copy) instead, so that
+                a big value (a (B, H, T, T) pattern, say) is reduced as the pass goes and not kept.
+        last_layer: stop after this block (logits None): nothing later changes what it recorded.
+        hooks: edit, mask, mask_layers, as `hooks` takes them."""
+        record = [record] if isinstance(record, str) else list(record)
+        with self.hooks(record=record + list(reduce or {}), reduce=reduce, **hooks) as cache:
+            if last_layer is None:
+                logits, _ = self(idx)
+            else:
+                logits, _ = None, self.residual_stream(idx, last_layer + 1)
+        return logits, cache
+
     @contextlib.contextmanager
-    def hooks(self, record=(), edit=None, mask=None, mask_layers=None):
+    def hooks(self, record=(), edit=None, mask=None, mask_layers=None, reduce=None):
         """Record and edit the model for the forward passes inside the `with` block.
+        (run_with_cache does this for one pass without gradients, the usual case.)
 
         record: hook names or glob patterns, e.g. "blocks.*.attn.hook_pattern"; the yielded dict
                 maps each name to a float32 CPU copy of its last value.
         edit:   {hook name or glob pattern: function}; the value of each hook it matches is
                 replaced by function(value) (the first matching pattern wins).
+        reduce: {recorded name or pattern: function}: record function(copy) instead of the copy.
         mask:   (T, T) bool, True where query t may attend to key s, used in `mask_layers`
                 (default: every layer) instead of the causal mask.
         """
@@ -267,6 +295,7 @@ class GPT(nn.Module):
         for name, point in self.hook_points.items():
             point.store = cache if any(fnmatch.fnmatch(name, p) for p in patterns) else None
             point.edit = next((f for p, f in (edit or {}).items() if fnmatch.fnmatch(name, p)), None)
+            point.reduce = next((f for p, f in (reduce or {}).items() if fnmatch.fnmatch(name, p)), None)
         layers = range(self.config.n_layer) if mask_layers is None else mask_layers
         for i in layers:
             self.blocks[i].attn.custom_mask = None if mask is None else mask.to(self.rope_cos.device)
@@ -274,7 +303,7 @@ class GPT(nn.Module):
             yield cache
         finally:
             for point in self.hook_points.values():
-                point.store = point.edit = None
+                point.store = point.edit = point.reduce = None
             for block in self.blocks:
                 block.attn.custom_mask = None
 

@@ -363,6 +363,34 @@ def checked_losses(losses, first_step):
 
 CHECK_EVERY = 50  # steps between reads of the loss (each read waits for the device)
 
+# On the CPU, compiling the training step takes 13-45 s the first time (1-2 s once torch's cache
+# is warm) and then makes each step 1.1-1.4x faster (README's throughput): it pays from about 10M
+# training tokens, the cpu and cpu_bos profiles, not the tiny profile nor 05's 2000-step seed study.
+CPU_COMPILE_FROM_TOKENS = 10_000_000
+
+
+@contextlib.contextmanager
+def deterministic_kernels():
+    """torch.use_deterministic_algorithms while it lasts. Compiled CPU kernels otherwise add into
+    shared sums from several threads in a varying order, and the same seed trains another model on
+    each run; with it, a run repeats to the bit (for a given number of threads). Eager CPU kernels
+    are deterministic anyway. Not used on CUDA, where it would stop at ops without such a kernel."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def compiles(device, cfg, block_size, compile=None):
+    """Whether training runs its step through torch.compile: as asked when compile is True or False
+    (--no_compile), else always on CUDA, on the CPU for runs of CPU_COMPILE_FROM_TOKENS or more, never on MPS."""
+    if compile is not None:
+        return compile
+    device = torch.device(device)
+    return device.type == "cuda" or (device.type == "cpu" and cfg.steps * cfg.batch_size * block_size >= CPU_COMPILE_FROM_TOKENS)
+
 
 def train(model, data, cfg, desc="train", after_backward=None, micro_batch=None, compile=None):
     """Train in place; returns the history {"step", "train_loss", "val_step", "val_loss"}.
@@ -370,50 +398,52 @@ def train(model, data, cfg, desc="train", after_backward=None, micro_batch=None,
     process trains on its share of cfg.batch_size (the global batch) and DDP averages the gradients;
     rank 0 alone evaluates (elsewhere val_step and val_loss stay empty).
     after_backward(step, model): optional, called with the gradients in place (the tests look).
-    compile: torch.compile the training step's forward and backward (default: on CUDA only, where a
-    step of this small model is bound by elementwise memory traffic that compiling fuses; on the CPU
-    it is off, see README's throughput). Evaluation and every analysis run `model` itself, uncompiled."""
+    compile: torch.compile the training step's forward and backward (default: see compiles; on CUDA a
+    step of this small model is bound by elementwise memory traffic that compiling fuses). Evaluation
+    and every analysis run `model` itself, uncompiled."""
     device, n_processes, main = next(model.parameters()).device, world_size(), is_main_process()
-    step_model = torch.compile(model) if (device.type == "cuda" if compile is None else compile) else model  # same weights
-    plan, batch_size = plan_training(step_model, data, cfg, micro_batch), local_batch_size(cfg.batch_size, n_processes)
-    if main:
-        print(f"{desc}: {plan.describe(cfg, data.block_size)}" + (", compiled" if step_model is not model else ""))
-    # DDP starts every rank from rank 0's weights and averages the gradients in backward; we
-    # evaluate and save `model`, its module. Alone, `net` is `step_model` and nothing changes.
-    net = step_model if n_processes == 1 else DistributedDataParallel(
-        step_model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)  # buffers: RoPE tables
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay, cfg.head_norm_gain_decay), lr=cfg.lr,
-                                  betas=(0.9, 0.95), **({"fused": True} if device.type == "cuda" else {}))
-    scaler = torch.amp.GradScaler(device.type, enabled=plan.precision == "fp16")  # fp16 gradients underflow unscaled
-    batches = batch_generator(cfg.seed, rank())  # the data order depends only on the seed (and rank)
-    val_x, val_y = data.windows("val", cfg.eval_windows, cfg.bos, torch.Generator().manual_seed(1234))
-    history = {"step": [], "train_loss": [], "val_step": [], "val_loss": []}
-    unread, start = [], time.time()  # losses not yet read from the device
-    bar = tqdm(range(cfg.steps), desc=desc, dynamic_ncols=True, mininterval=1.0, disable=not main)
-    for step in bar:
-        if step % cfg.eval_interval == 0 and main:
-            history["val_step"].append(step)
-            history["val_loss"].append(evaluate(model, val_x, val_y))
-        x, y = data.windows("train", batch_size, cfg.bos,
-                            batches, cfg.repeat_prob, cfg.random_prob)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, cfg)
-        optimizer.zero_grad(set_to_none=True)
-        unread.append(accumulate_gradients(net, to_device(x, device), to_device(y, device), plan.micro_batch,
-                                           plan.precision, scaler))
-        if after_backward is not None:
-            after_backward(step, model)
-        scaler.unscale_(optimizer)  # clip the true gradients
-        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        history["step"].append(step)
-        if len(unread) == CHECK_EVERY or step == cfg.steps - 1:
-            history["train_loss"] += checked_losses(unread, step + 1 - len(unread))
-            unread = []
-            if main:
-                bar.set_postfix(loss=f"{history['train_loss'][-1]:.3f}", val=f"{history['val_loss'][-1]:.3f}",
-                                tok_s=f"{cfg.batch_size * data.block_size * (step + 1) / (time.time() - start):.0f}")
+    compiled = compiles(device, cfg, data.block_size, compile)
+    step_model = torch.compile(model) if compiled else model  # the same weights
+    with deterministic_kernels() if compiled and device.type == "cpu" else contextlib.nullcontext():
+        plan, batch_size = plan_training(step_model, data, cfg, micro_batch), local_batch_size(cfg.batch_size, n_processes)
+        if main:
+            print(f"{desc}: {plan.describe(cfg, data.block_size)}" + (", compiled" if compiled else ""))
+        # DDP starts every rank from rank 0's weights and averages the gradients in backward; we
+        # evaluate and save `model`, its module. Alone, `net` is `step_model` and nothing changes.
+        net = step_model if n_processes == 1 else DistributedDataParallel(
+            step_model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)  # buffers: RoPE tables
+        optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay, cfg.head_norm_gain_decay), lr=cfg.lr,
+                                      betas=(0.9, 0.95), **({"fused": True} if device.type == "cuda" else {}))
+        scaler = torch.amp.GradScaler(device.type, enabled=plan.precision == "fp16")  # fp16 gradients underflow unscaled
+        batches = batch_generator(cfg.seed, rank())  # the data order depends only on the seed (and rank)
+        val_x, val_y = data.windows("val", cfg.eval_windows, cfg.bos, torch.Generator().manual_seed(1234))
+        history = {"step": [], "train_loss": [], "val_step": [], "val_loss": []}
+        unread, start = [], time.time()  # losses not yet read from the device
+        bar = tqdm(range(cfg.steps), desc=desc, dynamic_ncols=True, mininterval=1.0, disable=not main)
+        for step in bar:
+            if step % cfg.eval_interval == 0 and main:
+                history["val_step"].append(step)
+                history["val_loss"].append(evaluate(model, val_x, val_y))
+            x, y = data.windows("train", batch_size, cfg.bos,
+                                batches, cfg.repeat_prob, cfg.random_prob)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, cfg)
+            optimizer.zero_grad(set_to_none=True)
+            unread.append(accumulate_gradients(net, to_device(x, device), to_device(y, device), plan.micro_batch,
+                                               plan.precision, scaler))
+            if after_backward is not None:
+                after_backward(step, model)
+            scaler.unscale_(optimizer)  # clip the true gradients
+            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            history["step"].append(step)
+            if len(unread) == CHECK_EVERY or step == cfg.steps - 1:
+                history["train_loss"] += checked_losses(unread, step + 1 - len(unread))
+                unread = []
+                if main:
+                    bar.set_postfix(loss=f"{history['train_loss'][-1]:.3f}", val=f"{history['val_loss'][-1]:.3f}",
+                                    tok_s=f"{cfg.batch_size * data.block_size * (step + 1) / (time.time() - start):.0f}")
     if main:
         history["val_step"].append(cfg.steps)
         history["val_loss"].append(evaluate(model, val_x, val_y))
@@ -452,23 +482,29 @@ def load_checkpoint(path, device="cpu", expect=None):
     return model, payload["history"]
 
 
-def training_environment(device):
+def training_environment(device, compiled=False):
     """What else changes the trained weights and can be keyed honestly: torch's version and the
-    device's kind and precision, and under torchrun the number of processes (its batches differ).
+    device's kind and precision, whether the step was compiled (its kernels round differently, and
+    over thousands of steps that is another model), and under torchrun the number of processes.
     Not keyed: the code itself (edit model.py, data.py or the training loop and you must delete
     out/checkpoints yourself), nor the exact GPU or CPU."""
     device = torch.device(device)
     environment = {"torch": str(torch.__version__), "device": device.type, "precision": device_precision(device)}
+    if compiled:  # only then, like world_size: eager checkpoints keep the keys they were cached under
+        environment["compiled"] = True
+        if device.type == "cpu":  # compiled CPU kernels split their sums by thread: each count, its own model
+            environment["threads"] = torch.get_num_threads()
     if world_size() > 1:  # only then: a single process keeps the keys of the checkpoints cached before torchrun
         environment["world_size"] = world_size()
     return environment
 
 
-def checkpoint_path(profile, arm, seed, data, device, out_dir, steps=None):
-    """(path, expect): where the cache keeps this model, and what its file must hold."""
+def checkpoint_path(profile, arm, seed, data, device, out_dir, steps=None, compile=None):
+    """(path, expect): where the cache keeps this model, and what its file must hold (compile: see train)."""
     model_cfg, train_cfg = profile_configs(profile, arm, seed, steps)
+    compiled = compiles(device, train_cfg, model_cfg.block_size, compile)
     expect = {"model_config": asdict(model_cfg), "train_config": asdict(train_cfg), "data": data.fingerprint,
-              "environment": training_environment(device)}
+              "environment": training_environment(device, compiled)}
     key = hashlib.sha1(json.dumps(expect, sort_keys=True).encode()).hexdigest()[:10]
     # named by the variant, keyed by the settings: two names of one arm share one file
     return os.path.join(out_dir, "checkpoints", f"{profile}-{model_cfg.attn}-seed{seed}-{key}.pt"), expect
@@ -477,11 +513,12 @@ def checkpoint_path(profile, arm, seed, data, device, out_dir, steps=None):
 def trained_model(profile, arm="softmax", seed=0, data=None, device="cpu", out_dir="out", steps=None, micro_batch=None,
                   compile=None):
     """The model of this profile, arm (ARMS) and seed: from the cache in out_dir/checkpoints, or trained now
-    (micro_batch: see plan_training; compile: see train; each changes the result only within float
-    tolerance, so neither is keyed)."""
+    (micro_batch: see plan_training, it changes the result only within float tolerance and is not keyed;
+    compile: see train, it is keyed)."""
     model_cfg, train_cfg = profile_configs(profile, arm, seed, steps)
     data = data if data is not None else ByteData(load_corpus(corpus=train_cfg.corpus), model_cfg.block_size, train_cfg.corpus)
-    path, expect = checkpoint_path(profile, arm, seed, data, device, out_dir, steps)
+    compile = compiles(device, train_cfg, model_cfg.block_size, compile)
+    path, expect = checkpoint_path(profile, arm, seed, data, device, out_dir, steps, compile)
     if os.path.exists(path):
         return load_checkpoint(path, device, expect)
     torch.manual_seed(seed)

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from conftest import load_script, numbers_in
-from measures import attention_entropy_by_head, head_output_variance, rank_correlation, row_normalized
+from measures import (attention_entropy_by_head, first_sink_layer, head_output_variance, rank_correlation,
+                      row_norm_zscores, super_neuron_record, token0_activation_ratio, unit_most_active_on_token0,
+                      unit_most_selective_for_token0, unit_with_largest_row_norms)
 from model import GPT
 
 variance = load_script("01_variance.py")
@@ -18,9 +20,12 @@ KEYS = {
     "01_variance": ["var_by_position_init", "var_by_position_trained", "var_by_position_random_tokens",
                     "var_ratio_token0", "first_token_attention_by_layer", "first_token_norm_by_layer",
                     "other_token_norm_by_layer", "wo_kendall_tau_by_layer", "wo_kendall_tau_across_windows_by_layer",
-                    "post_wo_var_ratio_by_layer", "head_entropy_variance_spearman_by_layer"],
-    "02_super_neurons": ["super_neurons", "wdown_column_kurtosis", "massive_dims", "massive_dims_match"],
+                    "post_wo_var_ratio_by_layer", "head_entropy_variance_spearman_by_layer", "sink_rate_by_layer",
+                    "sink_rate", "sink_layer"],
+    "02_super_neurons": ["super_neurons", "top_super_neuron", "wdown_column_kurtosis", "massive_dims",
+                         "massive_dims_match"],
 }
+RUN_KEYS = {"argv", "script", "seed", "subject", "device", "precision", "torch", "commit"}
 SCRIPTS = {"01_variance": variance, "02_super_neurons": super_neurons}
 N_FIGURES = {"01_variance": 4, "02_super_neurons": 3}
 
@@ -41,6 +46,9 @@ def test_quick_run_writes_every_key_figures_and_finite_numbers(quick, name):
     on_disk = json.loads((folder / "metrics.json").read_text())
     assert on_disk == results[name]
     assert set(KEYS[name]) <= set(on_disk), set(KEYS[name]) - set(on_disk)
+    assert RUN_KEYS <= set(on_disk["run"]), RUN_KEYS - set(on_disk["run"])
+    assert on_disk["run"]["argv"] == ["--quick", "--out_dir", str(out)] and on_disk["run"]["script"] == name
+    assert on_disk["run"]["seed"] == 0 and on_disk["run"]["subject"] == "tiny model"
     assert all(math.isfinite(n) for n in numbers_in(on_disk))
     figures = list(folder.glob("*.png"))
     assert len(figures) == N_FIGURES[name] and all(f.stat().st_size > 0 for f in figures)
@@ -48,9 +56,11 @@ def test_quick_run_writes_every_key_figures_and_finite_numbers(quick, name):
 
 @pytest.mark.parametrize("name", list(SCRIPTS))
 def test_same_seed_gives_identical_metrics(quick, name, tmp_path):
-    """Trained again from scratch in an empty folder, not loaded from the first run's cache."""
+    """Trained again from scratch in an empty folder, not loaded from the first run's cache. The "run" entries
+    differ: --out_dir is another folder."""
     _, results = quick
-    assert SCRIPTS[name].main(["--quick", "--out_dir", str(tmp_path)]) == results[name]
+    again = SCRIPTS[name].main(["--quick", "--out_dir", str(tmp_path)])
+    assert {k: v for k, v in again.items() if k != "run"} == {k: v for k, v in results[name].items() if k != "run"}
 
 
 def test_quick_01_shapes(quick):
@@ -65,8 +75,11 @@ def test_quick_01_shapes(quick):
     assert set(metrics["var_ratio_token0"]) == {"init", "trained", "random_tokens"}
     for key in ("first_token_attention_by_layer", "first_token_norm_by_layer", "other_token_norm_by_layer",
                 "wo_kendall_tau_by_layer", "wo_kendall_tau_across_windows_by_layer", "wo_row_kendall_tau_mean_by_layer",
-                "post_wo_var_ratio_by_layer", "head_entropy_variance_spearman_by_layer"):
+                "post_wo_var_ratio_by_layer",
+                "head_entropy_variance_spearman_by_layer", "sink_rate_by_layer"):
         assert len(metrics[key]) == n_layer
+    assert all(0 <= r <= 1 for r in metrics["sink_rate_by_layer"] + [metrics["sink_rate"]])
+    assert metrics["sink_layer"] == first_sink_layer(metrics["sink_rate_by_layer"])  # the verdict is Gu et al.'s rate
     assert all(-1 <= t <= 1 for key in ("wo_kendall_tau_by_layer", "wo_kendall_tau_across_windows_by_layer",
                                         "wo_row_kendall_tau_mean_by_layer", "head_entropy_variance_spearman_by_layer")
                for t in metrics[key])
@@ -77,8 +90,12 @@ def test_quick_01_shapes(quick):
 
 def test_quick_02_shapes(quick):
     metrics = quick[1]["02_super_neurons"]
-    assert len(metrics["super_neurons"]) >= 1
-    assert set(metrics["super_neurons"][0]) >= {"layer", "unit", "gate_norm_z", "up_norm_z", "token0_activation_ratio"}
+    top, z = metrics["top_super_neuron"], metrics["super_z_threshold"]
+    assert top in metrics["super_neurons"] and top["layer"] in (0, 1)  # the tiny model's early layers
+    for s in metrics["super_neurons"]:
+        assert s["rule_met"] == (s["gate_norm_z"] >= z and s["up_norm_z"] >= z)
+        assert s["rule_met"] or s == top  # only the top unit is listed without meeting the rule
+        assert s["activation_argmax_unit"] == metrics["activation_argmax_unit_by_layer"][s["layer"]]
     assert len(metrics["massive_dims"]) == 3 and isinstance(metrics["massive_dims_match"], bool)
     assert len(metrics["cosine_by_position"]) == 32
     assert all(-1 - 1e-5 <= c <= 1 + 1e-5 for c in metrics["cosine_by_position"])
@@ -111,9 +128,10 @@ def test_head_entropy_and_output_variance_and_their_rank_correlation():
     pattern = torch.zeros(1, 2, T, T)  # (B, H, T, T)
     pattern[0, 0] = torch.tril(torch.ones(T, T)) / torch.arange(1, T + 1).view(T, 1)
     pattern[0, 1, :, 0] = 1.0
-    entropy = attention_entropy_by_head(row_normalized(pattern))
+    entropy = attention_entropy_by_head(pattern)
     expected = sum(math.log(t + 1) for t in range(1, T)) / (T - 1)  # rows t >= 1: uniform over t + 1 keys
     assert entropy.tolist() == pytest.approx([expected, 0.0])
+    assert attention_entropy_by_head(0.25 * pattern).tolist() == pytest.approx([expected, 0.0])  # rows not summing to 1
     head_out = torch.zeros(2, 2, 3, 4)  # (B, H, T, hd)
     head_out[..., 0, :] = torch.tensor([1.0, -1.0, 1.0, -1.0])  # each head's position 0: variance 4/3 over hd
     assert head_output_variance(head_out).tolist() == pytest.approx([4 / 9, 4 / 9])  # mean over the 3 positions
@@ -135,11 +153,6 @@ def test_random_init_like_is_gpt_of_the_same_seed_in_the_models_dtype(tiny_confi
     assert torch.get_default_dtype() == torch.float32  # restored
 
 
-def test_first_layer_reaching_a_threshold():
-    assert variance.first_layer([0.1, 0.3, 0.5], 0.3) == 1
-    assert variance.first_layer([0.1, 0.2], 0.3) is None
-
-
 def test_variance_ratio_and_dimension_spread():
     assert variance.variance_ratio_token0(torch.tensor([4.0, 1.0, 3.0])) == pytest.approx(2.0)
     head_out = torch.zeros(3, 2, 5, 4)  # (N, H, T, hd)
@@ -158,11 +171,47 @@ def test_kurtosis_and_gate_cosine():
     torch.testing.assert_close(cosine, torch.nn.functional.cosine_similarity(inputs, row.expand_as(inputs), dim=-1))
 
 
-def test_activation_ratio():
+def test_fig13_shows_the_first_sink_layer_else_the_most_attention_to_token0():
+    metrics = {"sink_layer": 2, "first_token_attention_by_layer": [0.1, 0.9, 0.6]}
+    assert variance.fig13_layer(metrics) == (2, "the first sink layer")
+    metrics["sink_layer"] = None
+    assert variance.fig13_layer(metrics) == (1, "no sink: most attention to token 0")
+
+
+def test_token0_activation_ratio():
     hidden = torch.ones(2, 4, 3)
     hidden[:, 0, 1] = -20.0
-    assert super_neurons.activation_ratio(hidden, 1) == pytest.approx(20.0)
-    assert super_neurons.activation_ratio(hidden, 0) == pytest.approx(1.0)
+    assert token0_activation_ratio(hidden, 1) == pytest.approx(20.0)
+    assert token0_activation_ratio(hidden, 0) == pytest.approx(1.0)
+
+
+def test_the_three_unit_pickers_find_three_planted_units():
+    """By weights: the unit whose W_gate and W_up rows are longest; by activation: the unit largest on token 0,
+    and the unit largest on token 0 against the other positions."""
+    w_gate, w_up = torch.ones(6, 4), torch.ones(6, 4)  # (ffn, C)
+    w_gate[1] *= 3
+    w_up[1] *= 2
+    w_gate[4] *= 2  # z(W_gate) only
+    zs = row_norm_zscores(w_gate, w_up)
+    assert unit_with_largest_row_norms({0: zs, 1: row_norm_zscores(torch.ones(6, 4), torch.ones(6, 4))}) == (0, 1)
+    hidden = torch.ones(3, 5, 6)  # (N, T, ffn)
+    hidden[:, :, 2] = 5.0  # large everywhere: the most active on token 0, not selective
+    hidden[:, 0, 3] = -4.0  # 4x the others on token 0
+    assert unit_most_active_on_token0(hidden) == 2
+    assert unit_most_active_on_token0(hidden[:, :1]) == 2  # token 0 alone suffices
+    assert unit_most_selective_for_token0({0: torch.ones(3, 5, 6), 1: hidden}) == (1, 3, pytest.approx(4.0))
+
+
+def test_super_neuron_record():
+    z_gate, z_up = torch.tensor([0.5, 3.5, -1.0]), torch.tensor([0.2, 3.0, 4.0])  # (ffn,)
+    hidden = torch.ones(2, 4, 3)  # (N, T, ffn)
+    hidden[:, 0, 1] = torch.tensor([6.0, 10.0])  # unit 1: the largest on token 0, 8x the others on average
+    record = super_neuron_record(0, 1, z_gate, z_up, hidden)
+    assert record == dict(layer=0, unit=1, gate_norm_z=3.5, up_norm_z=3.0, rule_met=True, token0_activation_ratio=8.0,
+                          activation_token0=8.0, activation_argmax_unit=1, activation_argmax_agrees=True)
+    other = super_neuron_record(0, 2, z_gate, z_up, hidden)
+    assert not other["rule_met"] and other["activation_argmax_unit"] == 1 and not other["activation_argmax_agrees"]
+    assert super_neuron_record(0, 2, z_gate, z_up, hidden, z_threshold=-1.0)["rule_met"]
 
 
 def test_sink_follows_spike_only_in_the_papers_order():

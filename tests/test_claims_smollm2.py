@@ -6,10 +6,10 @@ import os
 import pytest
 
 from conftest import ROOT, claim_not_held, load_script
+from measures import SINK_LAYER_SHARE, SINK_THRESHOLD
 
 pytestmark = pytest.mark.claims
 OUT = os.path.join(ROOT, "out")
-SINK_THRESHOLD = 0.3  # Gu et al.'s epsilon
 FIRST_SINK_LAYER = 3  # "a sink in most layers from layer 3 on"
 FIG7_LAYERS = (0, 1)  # the paper's tau (0.32) is Llama-2's "layer 1": counted from 0 or from 1, both are checked
 
@@ -41,12 +41,12 @@ def smollm2_04():
 
 
 def test_a_sink_in_most_layers_from_layer_3_on(smollm2_01):
-    """Mean attention to token 0 >= 0.3 with >= 50 % of the layer's heads over 0.3, in most layers from 3 on."""
-    attention, share = smollm2_01["first_token_attention_by_layer"], smollm2_01["heads_over_threshold_by_layer"]
-    sinks = [a >= SINK_THRESHOLD and s >= 0.5 for a, s in zip(attention, share)][FIRST_SINK_LAYER:]
+    """Gu et al.'s sink rate at least SINK_LAYER_SHARE (half the layer's heads and windows) in most layers from 3 on."""
+    rate = smollm2_01["sink_rate_by_layer"]
+    sinks = [r >= SINK_LAYER_SHARE for r in rate][FIRST_SINK_LAYER:]
     assert sum(sinks) > len(sinks) / 2, (
-        f"{sum(sinks)} of {len(sinks)} layers from {FIRST_SINK_LAYER} on are sinks; attention to token 0 by layer "
-        f"{[round(a, 2) for a in attention]}, share of heads over {SINK_THRESHOLD} {[round(s, 2) for s in share]}")
+        f"{sum(sinks)} of {len(sinks)} layers from {FIRST_SINK_LAYER} on are sinks; Gu et al.'s sink rate by layer "
+        f"{[round(r, 2) for r in rate]}")
 
 
 def test_token0_variance_above_the_others_at_init(smollm2_01):
@@ -70,7 +70,7 @@ def test_wo_weighs_token0s_high_variance_dimensions(smollm2_01):
 @claim_not_held("SmolLM2 measured: Spearman rho +0.35 over the 9 heads of layer 3, the first sink layer; negative in "
                 "10 of 30 layers (0, 2, 4, 6, 9, 10, 11, 14, 16, 25; -0.97 in layer 11, a layer without a sink)")
 def test_low_entropy_heads_give_high_variance_outputs(smollm2_01):
-    """Fig. 13: in the first sink layer (01's rule: mean attention to token 0 >= 0.3), Spearman's rho over the
+    """Fig. 13: in the first sink layer (01's rule: Gu et al.'s sink rate >= SINK_LAYER_SHARE), Spearman's rho over the
     layer's heads between attention entropy and output variance is negative (the paper gives the sign: low-entropy
     heads give high-variance outputs)."""
     layer, rho = smollm2_01["sink_layer"], smollm2_01["head_entropy_variance_spearman_by_layer"]

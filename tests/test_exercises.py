@@ -90,7 +90,7 @@ def test_02_exercise_3_z_threshold_sets_the_rule():
     model, _ = trained_model("cpu", out_dir=OUT)
 
     def units_over(z):
-        return sum(int(((z_gate >= z) & (z_up >= z)).sum()) for z_gate, z_up in map(row_norm_zscores, (b.mlp for b in model.blocks)))
+        return sum(int(((z_gate >= z) & (z_up >= z)).sum()) for z_gate, z_up in (row_norm_zscores(b.mlp.w_gate.weight, b.mlp.w_up.weight) for b in model.blocks))
     z = next(z for z in ("2", "1.5", "1", "0.5") if units_over(float(z)) != units_over(3.0))
     counted = sum(s["rule_met"] for s in run("02_super_neurons.py", "--z_threshold", z)["super_neurons"])
     assert counted == units_over(float(z)), f"--z_threshold {z}: {counted} units meet the rule, expected {units_over(float(z))}"
@@ -142,9 +142,7 @@ pretrain = load_script("05_pretrain_headwise.py")
 
 def head_outputs(model, x, layer=0, hook="hook_head_out_post"):
     """The recorded input of W_O in `layer` (B, H, T, hd) for windows x (or another attention hook's value)."""
-    with torch.no_grad(), model.hooks(record=f"blocks.{layer}.attn.{hook}") as cache:
-        model(x)
-    return cache[f"blocks.{layer}.attn.{hook}"]
+    return model.run_with_cache(x, record=f"blocks.{layer}.attn.{hook}")[1][f"blocks.{layer}.attn.{hook}"]
 
 
 def test_exercise_1_steps_to_reach_interpolates():

@@ -94,6 +94,24 @@ def test_recorded_shapes_and_dtype(tiny_config):
         assert cache[name].dtype == torch.float32 and cache[name].device.type == "cpu"
 
 
+def test_run_with_cache_records_reduces_and_stops_early(tiny_config):
+    """One pass without gradients: the logits of forward, the recorded copies, a reduced value in place
+    of its pattern, and with last_layer no logits and nothing recorded past that block."""
+    model = GPT(tiny_config)
+    idx = torch.randint(256, (3, 10))
+    logits, cache = model.run_with_cache(idx, record="blocks.*.hook_resid_in",
+                                         reduce={"blocks.*.attn.hook_pattern": lambda p: p.sum(-1).mean()})
+    assert_close(logits, model(idx)[0], rtol=0, atol=1e-5)  # recording the pattern takes the explicit path
+    assert not logits.requires_grad
+    assert set(cache) == {"blocks.0.hook_resid_in", "blocks.1.hook_resid_in",
+                          "blocks.0.attn.hook_pattern", "blocks.1.attn.hook_pattern"}
+    assert cache["blocks.1.attn.hook_pattern"] == pytest.approx(1.0)  # the reduced value: a row's sum, not (3, H, T, T)
+    logits, early = model.run_with_cache(idx, record="blocks.*.hook_resid_in", last_layer=0)
+    assert logits is None and set(early) == {"blocks.0.hook_resid_in"}
+    assert_close(early["blocks.0.hook_resid_in"], cache["blocks.0.hook_resid_in"], rtol=0, atol=0)
+    assert not any(point.active for point in model.hook_points.values())  # switched off after the pass
+
+
 def test_unknown_hook_name_is_an_error(tiny_config):
     with pytest.raises(InputError, match="no hook point"):
         with GPT(tiny_config).hooks(record="blocks.0.attn.hook_nothing"):

@@ -21,7 +21,8 @@ import training
 from conftest import ROOT, load_script, numbers_in
 from data import ByteData
 from model import ATTENTION_VARIANTS, GPT, InputError
-from training import TrainConfig, accumulate_gradients, device_precision, largest_micro_batch, train
+from training import (TrainConfig, accumulate_gradients, checkpoint_path, compiles, device_precision, largest_micro_batch,
+                      profile_configs, train, training_environment)
 
 TEXT = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(400)).encode()
 
@@ -264,3 +265,41 @@ def test_a_compiled_training_gives_the_eager_losses(tiny_config, data):
     eager, compiled = histories
     assert_close(compiled["train_loss"], eager["train_loss"], rtol=1e-5, atol=0)
     assert_close(compiled["val_loss"], eager["val_loss"], rtol=1e-5, atol=0)
+
+
+def test_compiled_where_it_pays():
+    """On CUDA always; on the CPU from CPU_COMPILE_FROM_TOKENS training tokens (the cpu and cpu_bos profiles,
+    not tiny nor 05's 2000-step seed study); never on MPS; --no_compile or compile=True win."""
+    def tokens(profile, steps=None):
+        model_cfg, train_cfg = profile_configs(profile, steps=steps)
+        return train_cfg, model_cfg.block_size
+    assert compiles("cpu", *tokens("cpu")) and compiles("cpu", *tokens("cpu_bos"))
+    assert not compiles("cpu", *tokens("tiny")) and not compiles("cpu", *tokens("cpu", steps=2000))
+    assert compiles("cuda", *tokens("tiny")) and not compiles("mps", *tokens("cpu"))
+    assert not compiles("cpu", *tokens("cpu"), compile=False) and compiles("cpu", *tokens("tiny"), compile=True)
+
+
+def test_a_compiled_model_is_keyed_apart_with_its_threads(data):
+    """A compiled step rounds differently, so it is another model: its own cache key, with the thread count on the
+    CPU (each count splits its sums its own way); an eager model keeps the key it had before compiling existed."""
+    assert training_environment("cpu") == {"torch": str(torch.__version__), "device": "cpu", "precision": "fp32"}
+    assert training_environment("cpu", compiled=True) == {**training_environment("cpu"), "compiled": True,
+                                                           "threads": torch.get_num_threads()}
+    assert checkpoint_path("cpu", "softmax", 0, data, "cpu", "out")[0] != \
+        checkpoint_path("cpu", "softmax", 0, data, "cpu", "out", compile=False)[0]
+    assert checkpoint_path("tiny", "softmax", 0, data, "cpu", "out")[0] == \
+        checkpoint_path("tiny", "softmax", 0, data, "cpu", "out", compile=False)[0]
+
+
+def test_a_compiled_cpu_training_repeats_to_the_bit(tiny_config, data):
+    """Twice the same compiled training: the same losses and weights, to the bit (train switches on
+    torch's deterministic algorithms for a compiled CPU step, and back off after)."""
+    cfg = TrainConfig(steps=4, batch_size=8, eval_interval=4, eval_windows=4)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = GPT(tiny_config)
+        runs.append((train(model, data, cfg, compile=True), model.state_dict()))
+    assert runs[0][0]["train_loss"] == runs[1][0]["train_loss"]
+    assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
+    assert not torch.are_deterministic_algorithms_enabled()
