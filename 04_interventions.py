@@ -105,7 +105,7 @@ def layer_summary(pattern, k):
                 heads_over_threshold_on_k=int((head_attention_received(pattern, k) >= SINK_THRESHOLD).sum()),
                 entropy=float(attention_entropy_by_head(pattern, skip=(k,)).mean()),
                 first_token_attention=float(first_token_attention(pattern).mean()),
-                sink_rate=sink_rate([pattern])[0][0])  # Gu et al.'s, this layer's
+                sink_rate=sink_rate([pattern])[0][0])  # Gu et al.'s sink rate of this layer alone
 
 
 def layer_mean(summaries, layers, key="received"):
@@ -144,9 +144,10 @@ def amplified_pass(model, x, k, arm, lam, layers, observed, mu="windows", probes
     `probes` ({hook: function -> {name: number}}) read in the same pass}."""
     edits = {f"blocks.{i}.attn.{EDITED}": partial(arm, k=k, lam=lam, mu=mu[i] if isinstance(mu, dict) else mu)
              for i in layers}
-    reduce = {**{f"blocks.{i}.attn.hook_pattern": attention_received for i in observed}, **(probes or {})}  # (T,) each
+    patterns = {f"blocks.{i}.attn.hook_pattern": attention_received for i in observed}  # (T,) each
+    reduce = {**patterns, **(probes or {})}
     _, out = model.run_with_cache(x, reduce=reduce, last_layer=last_block(reduce), edit=edits)
-    received = torch.stack([out[f"blocks.{i}.attn.hook_pattern"] for i in observed]).mean(0)  # (T,)
+    received = torch.stack([out[name] for name in patterns]).mean(0)  # (T,)
     readings = {"attention_to_k": float(received[k])}
     for hook in probes or {}:
         readings |= out[hook]

@@ -27,6 +27,9 @@ per variant (mean over seeds):
     the baseline's mean final loss (resolution: eval_interval steps);
   - mean attention to token 0 per layer, over heads and queries t >= 1 (Fig. 2); sigmoid
     rows are first divided by their sum of |A| (Gu et al.'s convention);
+  - Gu et al.'s sink rate per layer and per seed: a head is a sink in a window when its
+    attention to token 0, averaged over all the window's queries (alpha), is above 0.3; the
+    rate is the share of (window, head) pairs that are. The sink verdicts use it;
   - token 0's dominance ratio max|x_i| / mean|x_i| after each block's RMSNorm, gain included,
     as the paper measures it (Fig. 14), and the effective rank of each window's (T, C) hidden
     states (Fig. 15), per residual stream: entering block i, and for i = n_layer the stream
@@ -75,17 +78,15 @@ Exercises (cpu_bos profile; a new training takes 6 to 10 minutes on 2 cores, ana
      `first_token_attention_by_layer["softmax"]` and `dominance_ratio_token0_by_layer["softmax"]`.
 Checks for 1-3: `python -m pytest -m exercises tests/`.
 """
-import matplotlib
-
-matplotlib.use("Agg")
 import os
+from dataclasses import replace
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from cli import (N_WINDOWS, plot_head_entropy, print_table, record, run_script, save_figure, script_parser, setup,
-                 write_metrics)
+from cli import (N_WINDOWS, make_folder, plot_head_entropy, print_table, run_script, save_figure, script_parser,
+                 setup, write_metrics)
+import matplotlib.pyplot as plt  # after cli, which chooses matplotlib's file-only backend
 from measures import (SINK_THRESHOLD, attention_entropy_by_head, first_token_attention, head_output_variance,
                       interval_verdict, mean_effective_rank, paired_interval, rank_correlation, sink_rate,
                       token0_dominance_by_window, variance_by_position)
@@ -102,6 +103,7 @@ HEAD_NORM_ABLATIONS = {"calibrated gain minus gain of ones": ("headwise_nodecay"
                        "gain decayed minus not decayed": ("headwise", "headwise_nodecay")}
 COLORS = {"softmax": "tab:red", "sigmoid": "tab:green", "headwise": "tab:blue", "gated": "tab:purple",
           "headwise_nodecay": "tab:cyan", "headwise_ones": "tab:olive"}
+SINK_RATE_NAME = f"Gu et al.'s sink rate (a head with alpha > {SINK_THRESHOLD} in a window, per window)"
 
 
 # ----------------------------------------------------------------------------- measures
@@ -114,8 +116,8 @@ def steps_to_reach(steps, losses, target):
 def analyse(model, x):
     """One forward pass over the windows x (N, T) -> this model's measures, as lists of floats."""
     n_layer = model.config.n_layer
-    cache = record(model, x, ["blocks.*.attn.hook_pattern", "blocks.*.attn.hook_head_out*", "blocks.*.hook_resid_in",
-                              "blocks.*.hook_attn_in", "hook_resid_final"])
+    _, cache = model.run_with_cache(x, record=["blocks.*.attn.hook_pattern", "blocks.*.attn.hook_head_out*",
+                                               "blocks.*.hook_resid_in", "blocks.*.hook_attn_in", "hook_resid_final"])
     resid = [cache[f"blocks.{i}.hook_resid_in"] for i in range(n_layer)] + [cache["hook_resid_final"]]  # (N, T, C) each
     normalised = [cache[f"blocks.{i}.hook_attn_in"] for i in range(n_layer)]  # after each block's RMSNorm, gain included
     patterns = [cache[f"blocks.{i}.attn.hook_pattern"] for i in range(n_layer)]  # (N, H, T, T) each
@@ -140,6 +142,11 @@ def mean_over_seeds(per_seed):
     return np.mean(per_seed, axis=0).tolist()
 
 
+def uniform_attention_to_token0(block_size):
+    """Key 0's share under uniform causal attention, the mean over queries t >= 1 of 1 / (t + 1)."""
+    return float(np.mean([1 / (t + 1) for t in range(1, block_size)]))
+
+
 # ----------------------------------------------------------------------------- the time it will take
 
 def is_cached(profile, attn, seed, data, device, out_dir, steps=None, compile=None):
@@ -151,6 +158,109 @@ def step_plan(arm, profile, data, device, micro_batch=None):
     """How this arm's training will run here: training.plan_training on a fresh model (micro-batch, speed)."""
     model_cfg, train_cfg = profile_configs(profile, arm)
     return plan_training(GPT(model_cfg).to(device), data, train_cfg, micro_batch)
+
+
+def training_options(run, steps):
+    """What trained_model and is_cached take besides the profile, arm and seed."""
+    return dict(data=run.dataset, device=run.device, out_dir=run.out_dir, steps=steps, compile=run.compile)
+
+
+def training_estimate(run, variants, seeds, steps):
+    """Each arm's step as its training will run it, and the expected time of every run still to train."""
+    model_cfg, train_cfg = profile_configs(run.profile, steps=steps)
+    options = training_options(run, steps)
+    to_train = [(v, s) for v in variants for s in seeds if not is_cached(run.profile, v, s, **options)]
+    plans = {v: step_plan(v, run.profile, run.dataset, run.device, run.micro_batch)
+             for v in dict.fromkeys(v for v, _ in to_train)}
+    return {"plans": {v: plan.describe(train_cfg, model_cfg.block_size) for v, plan in plans.items()},
+            "runs": len(variants) * len(seeds), "to_train": len(to_train), "profile": run.profile,
+            "steps": train_cfg.steps, "batch_size": train_cfg.batch_size, "block_size": model_cfg.block_size,
+            "minutes": sum(plans[v].minutes(train_cfg, model_cfg.block_size) for v, _ in to_train)}
+
+
+# ----------------------------------------------------------------------------- the paper's steps
+
+def train_and_analyse(run, variants, seeds, steps, rank):
+    """Every variant and seed, from the cache or trained now; on rank 0, each model's validation curve and
+    its measures (analyse) on the same held-out windows -> {"val_steps", "curves": {variant: {seed: losses}},
+    "analyses": {variant: [one per seed]}}. Under torchrun the other ranks only train."""
+    bos = profile_configs(run.profile, steps=steps)[1].bos
+    x, _ = run.dataset.windows("val", N_WINDOWS, bos, torch.Generator().manual_seed(run.seed))  # (N, T)
+    curves, analyses = {}, {}
+    for seed in seeds:  # a paired design: within a seed, every variant sees the same windows in the same order
+        for variant in variants:
+            model, history = trained_model(run.profile, variant, seed, **training_options(run, steps),
+                                           micro_batch=run.micro_batch)
+            if rank == 0:
+                curves.setdefault(variant, {})[str(seed)] = history["val_loss"]
+                analyses.setdefault(variant, []).append(analyse(model.eval(), x.to(run.device)))
+    return {"val_steps": history["val_step"], "curves": curves, "analyses": analyses}  # the same steps for every run
+
+
+def paired_difference(a, b, j):
+    """a minus b at evaluation j, paired by seed (a, b: (seeds, evaluations)): {"mean", "low", "high"}."""
+    return dict(zip(("mean", "low", "high"), paired_interval(a[:, j], b[:, j])))
+
+
+def seed_study(val_steps, curves, variants):
+    """Each fix against the baseline, paired by seed: the loss difference at the middle evaluation and
+    at the end with its 95 % t interval, and the steps each seed takes to reach its baseline's final loss;
+    the same differences between head-wise RMSNorm's arms (HEAD_NORM_ABLATIONS), where both were trained."""
+    mid = len(val_steps) // 2
+    losses = {v: np.array(list(curves[v].values())) for v in variants}  # (seeds, evaluations) each
+    study = {"mid_step": val_steps[mid], "final_step": val_steps[-1], "by_variant": {}, "ablations": {}}
+    for v in variants:
+        study["by_variant"][v] = {
+            "steps_to_baseline_final_by_seed": [steps_to_reach(val_steps, own, base[-1])
+                                                for own, base in zip(losses[v].tolist(), losses["softmax"].tolist())],
+            **({} if v == "softmax" else {"minus_baseline_mid": paired_difference(losses[v], losses["softmax"], mid),
+                                          "minus_baseline_final": paired_difference(losses[v], losses["softmax"], -1)}),
+        }
+    for name, (a, b) in HEAD_NORM_ABLATIONS.items():
+        if a in variants and b in variants:
+            study["ablations"][name] = {"mid": paired_difference(losses[a], losses[b], mid),
+                                        "final": paired_difference(losses[a], losses[b], -1)}
+    return study
+
+
+def loss_study(val_steps, curves, variants):
+    """Fig. 16: the validation curves, their mean over seeds, the final losses, the steps to the baseline's
+    mean final loss, and the seed study."""
+    final = {v: [curve[-1] for curve in curves[v].values()] for v in variants}
+    target = float(np.mean(final["softmax"]))
+    mean_curves = {v: mean_over_seeds(list(curves[v].values())) for v in variants}
+    return {"val_loss_curves": curves, "val_loss_mean_curves": mean_curves, "val_loss_final": final,
+            "baseline_final_val_loss": target,
+            "steps_to_baseline_loss": {v: steps_to_reach(val_steps, mean_curves[v], target) for v in variants},
+            "seed_study": seed_study(val_steps, curves, variants)}
+
+
+def measures_by_variant(analyses, variants):
+    """Each variant's measures by layer (or position), the mean over seeds; Gu et al.'s sink rate also by seed."""
+    mean = lambda measure: {v: mean_over_seeds([a[measure] for a in analyses[v]]) for v in variants}
+    return {"sink_threshold": SINK_THRESHOLD, "sink_rate_by_layer": mean("sink_rate_by_layer"),
+            "sink_rate_by_seed": {v: [a["sink_rate"] for a in analyses[v]] for v in variants},
+            "first_token_attention_by_layer": mean("first_token_attention"),
+            "dominance_ratio_token0_by_layer": mean("dominance_ratio_token0"),
+            "effective_rank_by_layer": mean("effective_rank"), "var_by_position": mean("var_by_position"),
+            "var_by_position_after_norm": mean("var_by_position_after_norm")}
+
+
+def baseline_heads(baseline):
+    """Fig. 13 for the baseline of seed --seed (heads of different seeds do not correspond): each head's
+    attention entropy and output variance, and their Spearman rank correlation over all heads."""
+    return {"head_entropy": baseline["head_entropy"], "head_output_variance": baseline["head_output_variance"],
+            "head_entropy_variance_spearman": rank_correlation(np.concatenate(baseline["head_entropy"]),
+                                                               np.concatenate(baseline["head_output_variance"]))}
+
+
+def summarise(trained, profile, steps, variants, seeds):
+    """The metrics of train_and_analyse's curves and measures."""
+    val_steps, analyses = trained["val_steps"], trained["analyses"]
+    return {"n_windows": N_WINDOWS, "profile": profile, "steps": steps, "variants": variants, "seeds": seeds,
+            "val_steps": val_steps,
+            **loss_study(val_steps, trained["curves"], variants), **measures_by_variant(analyses, variants),
+            **baseline_heads(analyses["softmax"][0])}
 
 
 # ----------------------------------------------------------------------------- figures
@@ -208,46 +318,37 @@ def plot_variance_by_position(after, before, path):
     save_figure(fig, path)
 
 
-# ----------------------------------------------------------------------------- main
+def draw(metrics, model_cfg, run):
+    """Figs. 2, 13, 14, 15, 16 and 23, and the sink rate by layer, in the run's folder."""
+    T = model_cfg.block_size
+    stream = "residual stream entering block i (i = n_layer: leaving the last)"
+    plot_val_loss(metrics["val_steps"], metrics["val_loss_curves"], metrics["baseline_final_val_loss"],
+                  run.path("fig16_val_loss.png"))
+    plot_by_layer(metrics["first_token_attention_by_layer"], "mean attention to token 0",
+                  "Fig. 2: attention to the first token by layer", run.path("fig02_first_token_attention.png"),
+                  reference=(uniform_attention_to_token0(T), "uniform causal attention"))
+    plot_by_layer(metrics["sink_rate_by_layer"], f"share of (window, head) with alpha > {SINK_THRESHOLD}",
+                  "Gu et al.'s sink rate by layer, mean over seeds", run.path("fig02_sink_rate.png"))
+    plot_by_layer(metrics["dominance_ratio_token0_by_layer"], "token 0's dominance ratio max|x| / mean|x|",
+                  "Fig. 14: token 0's dominance ratio after RMSNorm", run.path("fig14_dominance_ratio.png"),
+                  first_label="layer (input of block i, after its RMSNorm)")
+    plot_by_layer(metrics["effective_rank_by_layer"], "effective rank of (T, C) hidden states",
+                  "Fig. 15: effective rank", run.path("fig15_effective_rank.png"),
+                  reference=(model_cfg.n_embd, f"n_embd = {model_cfg.n_embd}"), first_label=stream)
+    plot_variance_by_position(metrics["var_by_position_after_norm"], metrics["var_by_position"],
+                              run.path("fig23_variance_by_position.png"))
+    entropy = metrics["head_entropy"]
+    head_names = [f"L{i}H{h}" for i, layer in enumerate(entropy) for h in range(len(layer))]
+    plot_head_entropy(head_names, np.concatenate(entropy), np.concatenate(metrics["head_output_variance"]),
+                      float(np.mean([np.log(t + 1) for t in range(1, T)])),
+                      "Fig. 13: head entropy vs output variance (baseline)",
+                      run.path("fig13_head_entropy_variance.png"))
 
-def parse_variants(text):
-    variants = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in ARMS]
-    if unknown:
-        raise InputError(f"unknown variant(s) {', '.join(unknown)} in --variants; valid: {', '.join(ARMS)}")
-    if "softmax" not in variants:
-        raise InputError("--variants must include softmax: the baseline every comparison is made against")
-    return [v for v in ARMS if v in variants]  # the usual order, each once
 
+# ----------------------------------------------------------------------------- printing
 
 def mean_std_text(values):
     return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
-
-
-def paired_difference(a, b, j):
-    """a minus b at evaluation j, paired by seed (a, b: (seeds, evaluations)): {"mean", "low", "high"}."""
-    return dict(zip(("mean", "low", "high"), paired_interval(a[:, j], b[:, j])))
-
-
-def seed_study(val_steps, curves, variants):
-    """Each fix against the baseline, paired by seed: the loss difference at the middle evaluation and
-    at the end with its 95 % t interval, and the steps each seed takes to reach its baseline's final loss;
-    the same differences between head-wise RMSNorm's arms (HEAD_NORM_ABLATIONS), where both were trained."""
-    mid = len(val_steps) // 2
-    losses = {v: np.array(list(curves[v].values())) for v in variants}  # (seeds, evaluations) each
-    study = {"mid_step": val_steps[mid], "final_step": val_steps[-1], "by_variant": {}, "ablations": {}}
-    for v in variants:
-        study["by_variant"][v] = {
-            "steps_to_baseline_final_by_seed": [steps_to_reach(val_steps, own, base[-1])
-                                                for own, base in zip(losses[v].tolist(), losses["softmax"].tolist())],
-            **({} if v == "softmax" else {"minus_baseline_mid": paired_difference(losses[v], losses["softmax"], mid),
-                                          "minus_baseline_final": paired_difference(losses[v], losses["softmax"], -1)}),
-        }
-    for name, (a, b) in HEAD_NORM_ABLATIONS.items():
-        if a in variants and b in variants:
-            study["ablations"][name] = {"mid": paired_difference(losses[a], losses[b], mid),
-                                        "final": paired_difference(losses[a], losses[b], -1)}
-    return study
 
 
 def interval_text(d):
@@ -259,14 +360,22 @@ def steps_text(study):
     return " ".join("-" if s is None else str(s) for s in study["steps_to_baseline_final_by_seed"])
 
 
+def report_estimate(estimate):
+    """The planned step of each arm still to train, and the time all of them will take."""
+    for v, plan in estimate["plans"].items():
+        print(f"{v}: {plan}")
+    print(f"{estimate['runs']} runs ({estimate['profile']} profile, {estimate['steps']} steps x "
+          f"{estimate['batch_size']} x {estimate['block_size']} tokens each), {estimate['to_train']} to train: "
+          f"expected time about {duration_text(estimate['minutes'])} in all (an estimate)")
+
+
 def print_claims(metrics, variants):
     """One line per claim of the paper: the numbers, and whether the claim holds here. The loss claims
-    come from the paired interval over seeds; the sink claims from Gu et al.'s per-head sink rate."""
+    come from the paired interval over seeds; the sink claims from Gu et al.'s sink rate."""
     rate, seeds = metrics["sink_rate_by_seed"], metrics["seeds"]
     dominance, rank = metrics["dominance_ratio_token0_by_layer"], metrics["effective_rank_by_layer"]
     study = metrics["seed_study"]
-    print(f"\nThe paper's claims at this scale ({len(seeds)} seed(s); sink head: mean attention to token 0 >= "
-          f"{SINK_THRESHOLD}, Gu et al.):")
+    print(f"\nThe paper's claims at this scale ({len(seeds)} seed(s); {SINK_RATE_NAME}):")
     has_sink = all(r > 0 for r in rate["softmax"])
     print(f"  baseline sink rate {np.mean(rate['softmax']):.1%} (by seed {', '.join(f'{r:.0%}' for r in rate['softmax'])}): "
           + ("a sink in every seed" if has_sink else "not a sink in every seed, so a fix has no sink to remove"))
@@ -296,7 +405,39 @@ def print_claims(metrics, variants):
           f"{metrics['head_entropy_variance_spearman']:+.2f} (paper: negative, low entropy gives high variance)")
 
 
-def main(argv=None) -> dict:
+def report(metrics, block_size):
+    """The table of variants, the validation curves, and the paper's claims."""
+    variants, seeds, mean_curves = metrics["variants"], metrics["seeds"], metrics["val_loss_mean_curves"]
+    print(f"\n{metrics['profile']} profile, {len(seeds)} seed(s) {seeds}, {metrics['steps']} steps; measures on "
+          f"{metrics['n_windows']} held-out windows, mean over seeds (uniform attention to token 0: "
+          f"{uniform_attention_to_token0(block_size):.3f})")
+    print_table([[LABELS[v], mean_std_text(metrics["val_loss_final"][v]),
+                  steps_text(metrics["seed_study"]["by_variant"][v]),
+                  float(np.mean(metrics["sink_rate_by_seed"][v])), max(metrics["first_token_attention_by_layer"][v]),
+                  max(metrics["dominance_ratio_token0_by_layer"][v]), min(metrics["effective_rank_by_layer"][v])]
+                 for v in variants],
+                ["variant", "final val loss", "steps to own seed's baseline final", "sink rate", "max attn to token 0",
+                 "max dominance 0", "min eff. rank"])
+    print("\nvalidation loss by evaluated step (mean over seeds; each seed in metrics.json, val_loss_curves)")
+    print_table([[step] + [mean_curves[v][j] for v in variants] for j, step in enumerate(metrics["val_steps"])],
+                ["step"] + [LABELS[v] for v in variants])
+    print_claims(metrics, variants)
+
+
+# ----------------------------------------------------------------------------- main
+
+def parse_variants(text):
+    variants = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in ARMS]
+    if unknown:
+        raise InputError(f"unknown variant(s) {', '.join(unknown)} in --variants; valid: {', '.join(ARMS)}")
+    if "softmax" not in variants:
+        raise InputError("--variants must include softmax: the baseline every comparison is made against")
+    return [v for v in ARMS if v in variants]  # the usual order, each once
+
+
+def parse_args(argv):
+    """The command line -> (args, variants)."""
     parser = script_parser(__doc__, cpu_profile=DEFAULT_PROFILE, pretrained=False)
     parser.add_argument("--variants", default=",".join(ATTENTION_VARIANTS),
                         help=f"comma-separated, softmax included, of {', '.join(ARMS)} "
@@ -310,104 +451,33 @@ def main(argv=None) -> dict:
     variants = parse_variants(args.variants)
     if args.seeds < 1:
         raise InputError(f"--seeds {args.seeds}: train at least one seed")
-    args = setup(args, __file__, cpu_profile=DEFAULT_PROFILE, torchrun=True)
-    args.device, rank, _ = init_distributed(args.device)  # under torchrun: this rank's GPU; else unchanged
-    seeds = [args.seed + i for i in range(args.seeds)]
-    model_cfg, train_cfg = profile_configs(args.profile, steps=args.steps)
-    args.script_dir = os.path.join(args.script_dir, args.profile + (f"-{args.steps}steps" if args.steps else ""))
-    os.makedirs(args.script_dir, exist_ok=True)
-    run = dict(data=args.dataset, device=args.device, out_dir=args.out_dir, steps=args.steps,
-               compile=False if args.no_compile else None)
+    return args, variants
 
+
+def setup_run(args, argv):
+    """cli.setup, then this process's device (under torchrun: its rank's GPU) and a folder per profile and
+    step budget -> (run, rank)."""
+    run = setup(args, __file__, cpu_profile=DEFAULT_PROFILE, torchrun=True, argv=argv)
+    device, rank, _ = init_distributed(run.device)  # without torchrun: the device unchanged, rank 0
+    folder = os.path.join(run.folder, run.profile + (f"-{args.steps}steps" if args.steps else ""))
+    make_folder(folder, run.out_dir)
+    return replace(run, folder=folder, device=device), rank
+
+
+def main(argv=None) -> dict:
+    args, variants = parse_args(argv)
+    run, rank = setup_run(args, argv)
+    model_cfg, train_cfg = profile_configs(run.profile, steps=args.steps)
+    seeds = [run.seed + i for i in range(args.seeds)]
     if rank == 0:  # the estimate, for every run still to train
-        to_train = [(v, s) for v in variants for s in seeds if not is_cached(args.profile, v, s, **run)]
-        plans = {v: step_plan(v, args.profile, args.dataset, args.device, args.micro_batch)
-                 for v in dict.fromkeys(v for v, _ in to_train)}
-        for v, plan in plans.items():
-            print(f"{v}: {plan.describe(train_cfg, model_cfg.block_size)}")
-        minutes = sum(plans[v].minutes(train_cfg, model_cfg.block_size) for v, _ in to_train)
-        print(f"{len(variants) * len(seeds)} runs ({args.profile} profile, {train_cfg.steps} steps x "
-              f"{train_cfg.batch_size} x {model_cfg.block_size} tokens each), {len(to_train)} to train: "
-              f"expected time about {duration_text(minutes)} in all (an estimate)")
-
-    x, _ = args.dataset.windows("val", N_WINDOWS, train_cfg.bos, torch.Generator().manual_seed(args.seed))  # (N, T)
-    curves, analyses = {}, {}
-    for seed in seeds:  # a paired design: within a seed, every variant sees the same windows in the same order
-        for variant in variants:
-            model, history = trained_model(args.profile, variant, seed, **run, micro_batch=args.micro_batch)
-            if rank == 0:  # the others go on to the next training
-                curves.setdefault(variant, {})[str(seed)] = history["val_loss"]
-                analyses.setdefault(variant, []).append(analyse(model.eval(), x.to(args.device)))
-    close_distributed()  # training is over: rank 0 alone analyses, writes and prints
+        report_estimate(training_estimate(run, variants, seeds, args.steps))
+    trained = train_and_analyse(run, variants, seeds, args.steps, rank)
+    close_distributed()  # training is over: rank 0 alone writes and prints
     if rank != 0:
         return {}
-    val_steps = history["val_step"]  # the same for every run of a profile
-
-    final = {v: [curve[-1] for curve in curves[v].values()] for v in variants}
-    target = float(np.mean(final["softmax"]))
-    mean_curves = {v: mean_over_seeds(list(curves[v].values())) for v in variants}
-    by_variant = {key: {v: mean_over_seeds([a[key] for a in analyses[v]]) for v in variants}
-                  for key in ("first_token_attention", "sink_rate_by_layer", "dominance_ratio_token0", "effective_rank",
-                              "var_by_position", "var_by_position_after_norm")}
-    baseline = analyses["softmax"][0]  # seed --seed: heads of different seeds do not correspond
-    entropy_flat = np.concatenate(baseline["head_entropy"])  # (n_layer * n_head,)
-    variance_flat = np.concatenate(baseline["head_output_variance"])
-    metrics = {
-        "n_windows": N_WINDOWS, "profile": args.profile, "steps": train_cfg.steps, "variants": variants,
-        "seeds": seeds, "val_steps": val_steps,
-        "val_loss_curves": curves,
-        "val_loss_mean_curves": mean_curves,
-        "val_loss_final": final,
-        "baseline_final_val_loss": target,
-        "steps_to_baseline_loss": {v: steps_to_reach(val_steps, mean_curves[v], target) for v in variants},
-        "seed_study": seed_study(val_steps, curves, variants),
-        "sink_threshold": SINK_THRESHOLD,
-        "sink_rate_by_layer": by_variant["sink_rate_by_layer"],
-        "sink_rate_by_seed": {v: [a["sink_rate"] for a in analyses[v]] for v in variants},
-        "first_token_attention_by_layer": by_variant["first_token_attention"],
-        "dominance_ratio_token0_by_layer": by_variant["dominance_ratio_token0"],
-        "effective_rank_by_layer": by_variant["effective_rank"],
-        "var_by_position": by_variant["var_by_position"],
-        "var_by_position_after_norm": by_variant["var_by_position_after_norm"],
-        "head_entropy": baseline["head_entropy"],
-        "head_output_variance": baseline["head_output_variance"],
-        "head_entropy_variance_spearman": rank_correlation(entropy_flat, variance_flat),
-    }
-    write_metrics(metrics, args.script_dir)
-
-    T = model_cfg.block_size
-    uniform_attention = float(np.mean([1 / (t + 1) for t in range(1, T)]))  # key 0's share under uniform attention
-    stream = "residual stream entering block i (i = n_layer: leaving the last)"
-    path = lambda name: os.path.join(args.script_dir, name)
-    plot_val_loss(val_steps, curves, target, path("fig16_val_loss.png"))
-    plot_by_layer(metrics["first_token_attention_by_layer"], "mean attention to token 0",
-                  "Fig. 2: attention to the first token by layer", path("fig02_first_token_attention.png"),
-                  reference=(uniform_attention, "uniform causal attention"))
-    plot_by_layer(metrics["sink_rate_by_layer"], f"share of heads with attention to token 0 >= {SINK_THRESHOLD}",
-                  "Sink rate by layer (Gu et al.), mean over seeds", path("fig02_sink_rate.png"))
-    plot_by_layer(metrics["dominance_ratio_token0_by_layer"], "token 0's dominance ratio max|x| / mean|x|",
-                  "Fig. 14: token 0's dominance ratio after RMSNorm", path("fig14_dominance_ratio.png"),
-                  first_label="layer (input of block i, after its RMSNorm)")
-    plot_by_layer(metrics["effective_rank_by_layer"], "effective rank of (T, C) hidden states",
-                  "Fig. 15: effective rank", path("fig15_effective_rank.png"),
-                  reference=(model_cfg.n_embd, f"n_embd = {model_cfg.n_embd}"), first_label=stream)
-    plot_variance_by_position(metrics["var_by_position_after_norm"], metrics["var_by_position"],
-                              path("fig23_variance_by_position.png"))
-    head_names = [f"L{i}H{h}" for i, layer in enumerate(baseline["head_entropy"]) for h in range(len(layer))]
-    plot_head_entropy(head_names, entropy_flat, variance_flat, float(np.mean([np.log(t + 1) for t in range(1, T)])),
-                      "Fig. 13: head entropy vs output variance (baseline)", path("fig13_head_entropy_variance.png"))
-
-    print(f"\n{args.profile} profile, {len(seeds)} seed(s) {seeds}, {train_cfg.steps} steps; measures on {N_WINDOWS} "
-          f"held-out windows, mean over seeds (uniform attention to token 0: {uniform_attention:.3f})")
-    print_table([[LABELS[v], mean_std_text(final[v]), steps_text(metrics["seed_study"]["by_variant"][v]),
-                  float(np.mean(metrics["sink_rate_by_seed"][v])), max(by_variant["first_token_attention"][v]),
-                  max(by_variant["dominance_ratio_token0"][v]), min(by_variant["effective_rank"][v])] for v in variants],
-                ["variant", "final val loss", "steps to own seed's baseline final", "sink rate", "max attn to token 0",
-                 "max dominance 0", "min eff. rank"])
-    print("\nvalidation loss by evaluated step (mean over seeds; each seed in metrics.json, val_loss_curves)")
-    print_table([[step] + [mean_curves[v][j] for v in variants] for j, step in enumerate(val_steps)],
-                ["step"] + [LABELS[v] for v in variants])
-    print_claims(metrics, variants)
+    metrics = write_metrics(summarise(trained, run.profile, train_cfg.steps, variants, seeds), run)
+    draw(metrics, model_cfg, run)
+    report(metrics, model_cfg.block_size)
     return metrics
 
 

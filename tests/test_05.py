@@ -37,6 +37,8 @@ def test_quick_run_writes_every_key_figures_and_finite_numbers(quick):
     folder = out / "05_pretrain_headwise" / "tiny"
     on_disk = json.loads((folder / "metrics.json").read_text())
     assert on_disk == metrics
+    assert on_disk["run"]["argv"] == ["--quick", "--seeds", "1", "--out_dir", str(out)]  # what made it
+    assert on_disk["run"]["script"] == "05_pretrain_headwise" and on_disk["run"]["subject"] == "tiny model"
     assert set(KEYS) <= set(on_disk), set(KEYS) - set(on_disk)
     assert all(math.isfinite(n) for n in numbers_in(on_disk))
     figures = {f.name: f.stat().st_size for f in folder.glob("*.png")}
@@ -44,6 +46,11 @@ def test_quick_run_writes_every_key_figures_and_finite_numbers(quick):
                             "fig15_effective_rank.png", "fig23_variance_by_position.png",
                             "fig13_head_entropy_variance.png", "fig02_sink_rate.png"}
     assert all(size > 0 for size in figures.values())
+
+
+def test_the_sink_claims_name_gu_et_al_s_sink_rate(quick, capsys):
+    pretrain.report(quick[1], 32)
+    assert "Gu et al.'s sink rate (a head with alpha > 0.3 in a window, per window)" in capsys.readouterr().out
 
 
 def test_quick_curves_have_the_same_length_for_every_variant(quick):
@@ -69,10 +76,16 @@ def test_quick_shapes(quick):
     assert [len(layer) for layer in metrics["head_output_variance"]] == [n_head] * n_layer
 
 
+def without_run(metrics):
+    """The numbers alone: the "run" entry records the command line, which differs between two runs."""
+    return {key: value for key, value in metrics.items() if key != "run"}
+
+
 def test_same_seed_gives_identical_metrics(quick, tmp_path):
     """Every variant trained again from scratch in an empty folder, not loaded from the cache."""
     _, metrics = quick
-    assert pretrain.main(["--quick", "--seeds", "1", "--out_dir", str(tmp_path)]) == metrics
+    again = pretrain.main(["--quick", "--seeds", "1", "--out_dir", str(tmp_path)])
+    assert without_run(again) == without_run(metrics)
 
 
 # 05 in each of 2 gloo processes under torchrun, `analyse` wrapped to record which rank calls it.
@@ -190,10 +203,9 @@ def test_dominance_after_rmsnorm_and_variance_before_the_headwise_norm(tiny_conf
         for block in model.blocks:
             block.attn_norm.weight.uniform_(0.5, 2.0)  # a gain that is not 1, so its place shows
     x = torch.randint(256, (4, 16))
-    with torch.no_grad(), model.hooks(record=["blocks.*.hook_resid_in", "blocks.0.attn.hook_head_out"]) as cache:
-        model(x)
-        measured = pretrain.analyse(model, x)
-        normalised = [model.blocks[i].attn_norm(cache[f"blocks.{i}.hook_resid_in"]) for i in range(2)]
+    _, cache = model.run_with_cache(x, record=["blocks.*.hook_resid_in", "blocks.0.attn.hook_head_out"])
+    measured = pretrain.analyse(model, x)
+    normalised = [model.blocks[i].attn_norm(cache[f"blocks.{i}.hook_resid_in"]).detach() for i in range(2)]
     expected = [float(dominance_ratio(n[:, 0]).mean()) for n in normalised]
     assert measured["dominance_ratio_token0"] == pytest.approx(expected, rel=1e-5)
     before = variance_by_position(cache["blocks.0.attn.hook_head_out"])[1].tolist()

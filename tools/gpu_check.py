@@ -81,7 +81,7 @@ def run_scripts(keys, device, out_dir):
         done = subprocess.run([sys.executable, SCRIPTS[key], "--quick", "--device", device.type, "--out_dir", out_dir],
                               cwd=ROOT, capture_output=True, text=True)
         results[key] = {"exit_code": done.returncode, "seconds": time.perf_counter() - start,
-                        "last_line": (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:]}
+                        "last_line": (done.stdout if done.returncode == 0 else done.stderr).strip().splitlines()[-1:]}
     return results
 
 

@@ -1,79 +1,63 @@
 """04's peak host memory, measured on the CPU on an untrained model of the gpu profile's shape, where a Colab VM has 12.7 GB.
 
-04's steps on 64 windows of 512 tokens (6 layers, 6 heads: one layer's attention pattern is
-64 x 6 x 512 x 512 floats, 0.4 GB), each step as main() runs it: the super neuron, the mask
-intervention (the baseline and the masked pass), the authors' mean value vectors over 50,000
-random tokens, one pass of the main reading with its probes and one of the authors' reading.
-Nothing is trained. The peak is the process's maximum resident set size (ru_maxrss), printed
-after each step; it must stay within LIMIT_GB.
+04 runs as a person runs it, `python 04_interventions.py --profile gpu` (on the CPU, its own process):
+its corpus, 64 held-out windows of 512 tokens (6 layers, 6 heads: one layer's attention pattern is
+64 x 6 x 512 x 512 floats, 0.4 GB) and every step of its main(). Only the model differs: this tool
+puts an untrained model of the profile's shape in the checkpoint cache of a temporary --out_dir,
+where 04 finds it as the trained model, for only the shapes matter here. The peak is the maximum
+resident set size (ru_maxrss) of 04's process; it must stay within LIMIT_GB.
 
-Usage: python tools/memory_04.py [--windows 64]   (minutes on 2 CPU cores)
+Usage: python tools/memory_04.py [--profile gpu]   (minutes on 2 CPU cores; --profile tiny: seconds)
 Not a test: pytest does not collect it. Its numbers go in README.
 """
 import argparse
-import importlib.util
-import math
 import os
 import resource
+import subprocess
 import sys
-import time
+import tempfile
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from data import random_token_windows
-from model import GPT, GPTConfig
-from training import PROFILES
+from data import ByteData, load_corpus  # noqa: E402
+from model import GPT  # noqa: E402
+from training import checkpoint_path, profile_configs, save_checkpoint  # noqa: E402
 
 LIMIT_GB = 4.0
 
 
-def load_04():
-    """04_interventions.py as a module (its name starts with a digit, so `import` can't)."""
-    spec = importlib.util.spec_from_file_location("interventions", os.path.join(ROOT, "04_interventions.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def cache_untrained_model(profile, out_dir):
+    """Save a freshly initialised model of the profile where 04 looks for its trained model: the cache of
+    out_dir, for the profile's own corpus, seed 0, the CPU and no torch.compile (04's --no_compile)."""
+    model_cfg, train_cfg = profile_configs(profile)
+    data = ByteData(load_corpus(corpus=train_cfg.corpus), model_cfg.block_size, train_cfg.corpus)  # as cli.setup has it
+    path, expect = checkpoint_path(profile, "softmax", 0, data, "cpu", out_dir, compile=False)
+    torch.manual_seed(0)
+    save_checkpoint(path, GPT(model_cfg), train_cfg, {}, data.fingerprint, expect["environment"])
+    return model_cfg
 
 
-def peak_gb():
-    """The process's maximum resident set size so far (Linux: ru_maxrss in KiB), in GB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+def children_peak_gb():
+    """The largest maximum resident set size of the processes this one has waited for (Linux: KiB), in GB."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--windows", type=int, default=64)
+    parser.add_argument("--profile", default="gpu", help="the model's shape (tiny: a first check in seconds)")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    interventions = load_04()
-    model = GPT(GPTConfig(**PROFILES["gpu"]["model"])).eval()  # untrained: only the shapes matter here
-    T, n_layer, k = model.config.block_size, model.config.n_layer, 10
-    x = torch.randint(256, (args.windows, T))  # (N, T)
-    x_random = random_token_windows(math.ceil(interventions.RANDOM_TOKENS / T), T, False, torch.Generator().manual_seed(1))
-    start = time.time()
-
-    def step(name, run):
-        result = run()
-        print(f"{name:<40} peak so far {peak_gb():.2f} GB ({time.time() - start:.0f} s)", flush=True)
-        return result
-
-    print(f"gpu profile's shape, untrained: {n_layer} layers, {args.windows} windows of {T} tokens; "
-          f"before any pass: {peak_gb():.2f} GB")
-    neuron = step("super neuron", lambda: interventions.find_super_neuron(model, x))
-    baseline, _, chain = step("mask intervention (2 passes)", lambda: interventions.mask_intervention(model, x, k, 0))
-    observe, _ = interventions.observe_layer([s["to_token0"] for s in baseline])
-    means = step(f"mean values, layers below {observe}", lambda: interventions.value_means(model, x_random, range(observe)))
-    probes = {f"blocks.{neuron['layer']}.mlp.hook_hidden": lambda hidden: float(hidden[:, k, neuron["unit"]].mean()),
-              f"blocks.{n_layer - 1}.hook_resid_in": lambda resid: interventions.residual_at_k(resid, k)}
-    step("main reading, one λ", lambda: interventions.amplified_pass(
-        model, x, k, interventions.amplified, 32, list(range(chain["layer"] + 1)), list(range(1, n_layer)), "windows",
-        probes))
-    step("authors' reading, one λ", lambda: interventions.amplified_pass(
-        model, x, k, interventions.amplified, 30, list(range(observe)), [observe], means))
-    verdict = "within" if peak_gb() <= LIMIT_GB else "OVER"
-    print(f"04's peak host memory: {peak_gb():.2f} GB, {verdict} the limit of {LIMIT_GB:g} GB")
+    with tempfile.TemporaryDirectory() as out_dir:
+        model_cfg = cache_untrained_model(args.profile, out_dir)
+        print(f"{args.profile} profile's shape, untrained: {model_cfg.n_layer} layers, windows of "
+              f"{model_cfg.block_size} tokens; 04 runs now", flush=True)
+        done = subprocess.run([sys.executable, "04_interventions.py", "--profile", args.profile, "--device", "cpu",
+                               "--no_compile", "--out_dir", out_dir], cwd=ROOT)
+    if done.returncode != 0:
+        sys.exit(f"04_interventions.py failed (exit code {done.returncode}): no peak to report")
+    verdict = "within" if children_peak_gb() <= LIMIT_GB else "OVER"
+    print(f"04's peak host memory: {children_peak_gb():.2f} GB, {verdict} the limit of {LIMIT_GB:g} GB")
     sys.exit(0 if verdict == "within" else 1)
 
 

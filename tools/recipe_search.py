@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import ByteData, load_corpus  # noqa: E402
-from measures import first_token_attention, massive_activation_ratio, token0_unit  # noqa: E402
+from measures import first_token_attention, massive_activation_ratio, unit_most_selective_for_token0  # noqa: E402
 from model import GPT, GPTConfig, self_only_mask  # noqa: E402
 from training import TrainConfig, profile_configs, train, trained_model  # noqa: E402
 
@@ -29,28 +29,26 @@ BASE_TRAIN = dict(steps=8000, batch_size=32, lr=1e-2, warmup_steps=100, schedule
 K = 10  # the position of the mask intervention
 
 
-@torch.no_grad()
 def measure_chain(model, x, k=K):
     """The links of the chain on windows x (N, T), each as plain numbers."""
     T, L = x.shape[1], model.config.n_layer
-    with model.hooks(record=["blocks.*.attn.hook_pattern", "blocks.*.mlp.hook_hidden", "blocks.*.hook_resid_in",
-                             "hook_resid_final"]) as cache:
-        model(x)
+    _, cache = model.run_with_cache(x, record=["blocks.*.attn.hook_pattern", "blocks.*.mlp.hook_hidden",
+                                               "blocks.*.hook_resid_in", "hook_resid_final"])
     resid = [cache[f"blocks.{i}.hook_resid_in"] for i in range(1, L)] + [cache["hook_resid_final"]]  # after each layer
     heads = [first_token_attention(cache[f"blocks.{i}.attn.hook_pattern"]) for i in range(L)]  # (H,) each
-    unit_layer, unit, unit_ratio = token0_unit({i: cache[f"blocks.{i}.mlp.hook_hidden"] for i in range(L)})  # any layer
+    unit_layer, unit, unit_ratio = unit_most_selective_for_token0({i: cache[f"blocks.{i}.mlp.hook_hidden"]
+                                                                   for i in range(L)})  # in any layer
     unit_unmasked = cache[f"blocks.{unit_layer}.mlp.hook_hidden"][:, :, unit].abs().mean(0)  # (T,)
     pattern_unmasked = [cache[f"blocks.{i}.attn.hook_pattern"] for i in range(L)]
-    with model.hooks(record=["blocks.*.attn.hook_pattern", f"blocks.{unit_layer}.mlp.hook_hidden"],
-                     mask=self_only_mask(T, k, x.device)) as masked:
-        model(x)
+    _, masked = model.run_with_cache(x, record=["blocks.*.attn.hook_pattern", f"blocks.{unit_layer}.mlp.hook_hidden"],
+                                     mask=self_only_mask(T, k, x.device))
     unit_masked = masked[f"blocks.{unit_layer}.mlp.hook_hidden"][:, :, unit].abs().mean(0)
 
     def received_from_later(pattern):  # (N, H, T, T) -> mean weight on key k over queries t > k
         return float(pattern[:, :, k + 1:, k].mean())
     return {
         "attention_to_0": [float(h.mean()) for h in heads],
-        "heads_over_0.3": [float((h > 0.3).float().mean()) for h in heads],
+        "heads_over_0.3_on_window_mean": [float((h > 0.3).float().mean()) for h in heads],
         "massive_ratio_0_over_others": [float(massive_activation_ratio(r[:, 0]).mean() /
                                               massive_activation_ratio(r[:, 1:]).mean()) for r in resid],
         "norm_ratio_0_over_others": [float(r[:, 0].norm(dim=-1).mean() / r[:, 1:].norm(dim=-1).mean()) for r in resid],
