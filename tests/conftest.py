@@ -10,6 +10,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from model import GPTConfig  # noqa: E402 (the repository root is on the path from here on)
+
 # The seed of the trained cpu model that the claims check: 0 in CI; another seed stands in for another machine
 # (floating-point results differ across CPUs, so the same seed trains a different model elsewhere).
 CLAIMS_SEED = int(os.environ.get("CLAIMS_SEED", "0"))
@@ -26,6 +28,10 @@ def pytest_configure(config):
         config.addinivalue_line("markers", f"{name}: {text}")
     if not config.option.markexpr:
         config.option.markexpr = " and ".join(f"not {name}" for name in SLOW_GROUPS)
+
+
+# The numbered scripts, each run once per session on the tiny profile by the fixture `quick`.
+SCRIPT_NAMES = ["01_variance", "02_super_neurons", "03_dimension_disparity", "04_interventions", "05_pretrain_headwise"]
 
 
 def load_script(filename):
@@ -58,7 +64,15 @@ def seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session")
+def quick(tmp_path_factory):
+    """The five scripts through main(["--quick"]), once per session, sharing one out dir: the tiny model
+    trains once (05 finds it in the cache and trains its other three variants) -> (out dir, {script: the
+    metrics its main returned})."""
+    out = tmp_path_factory.mktemp("quick")
+    return out, {name: load_script(f"{name}.py").main(["--quick", "--out_dir", str(out)]) for name in SCRIPT_NAMES}
+
+
 @pytest.fixture
 def tiny_config():
-    from model import GPTConfig
     return GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=16)

@@ -1,8 +1,8 @@
-"""Tests of 05_pretrain_headwise.py: the script through main(["--quick"]), its measures on inputs with
-known answers, and (group `claims_long`: not run by CI) the convergence claim over 5 seeds on the cpu
-profile: python -m pytest -m claims_long tests/test_05.py (sink removal over seeds: test_claims.py)"""
-import json
-import math
+"""Tests of 05_pretrain_headwise.py: what its --quick metrics hold, its own functions on inputs with known
+answers, and (group `claims_long`: not run by CI) the convergence claim over 5 seeds on the cpu profile:
+python -m pytest -m claims_long tests/test_05.py (what every script writes: test_scripts.py; the shared
+measures: test_measures.py; sink removal over seeds: test_claims.py)"""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -11,82 +11,48 @@ import textwrap
 import pytest
 import torch
 
-from conftest import ROOT, claim_not_held, load_script, numbers_in
-from measures import attention_entropy_by_head
-from model import InputError
+from conftest import ROOT, claim_not_held, load_script
+from data import ByteData
+from measures import dominance_ratio, variance_by_position
+from model import GPT, InputError
+from training import checkpoint_path
 
 pretrain = load_script("05_pretrain_headwise.py")
 
-KEYS = ["val_loss_curves", "val_loss_final", "steps_to_baseline_loss", "first_token_attention_by_layer",
-        "dominance_ratio_token0_by_layer", "effective_rank_by_layer", "var_by_position", "head_entropy",
-        "head_output_variance"]
 VARIANTS = ["softmax", "sigmoid", "headwise", "gated"]
 
 
-@pytest.fixture(scope="module")
-def quick(tmp_path_factory):
-    """The four variants on the tiny profile, one seed: trains four tiny models (seconds)."""
-    out = tmp_path_factory.mktemp("out")
-    return out, pretrain.main(["--quick", "--seeds", "1", "--out_dir", str(out)])
-
-
-# ----------------------------------------------------------------------------- the script, --quick
-
-def test_quick_run_writes_every_key_figures_and_finite_numbers(quick):
-    out, metrics = quick
-    folder = out / "05_pretrain_headwise" / "tiny"
-    on_disk = json.loads((folder / "metrics.json").read_text())
-    assert on_disk == metrics
-    assert on_disk["run"]["argv"] == ["--quick", "--seeds", "1", "--out_dir", str(out)]  # what made it
-    assert on_disk["run"]["script"] == "05_pretrain_headwise" and on_disk["run"]["subject"] == "tiny model"
-    assert set(KEYS) <= set(on_disk), set(KEYS) - set(on_disk)
-    assert all(math.isfinite(n) for n in numbers_in(on_disk))
-    figures = {f.name: f.stat().st_size for f in folder.glob("*.png")}
-    assert set(figures) == {"fig16_val_loss.png", "fig02_first_token_attention.png", "fig14_dominance_ratio.png",
-                            "fig15_effective_rank.png", "fig23_variance_by_position.png",
-                            "fig13_head_entropy_variance.png", "fig02_sink_rate.png"}
-    assert all(size > 0 for size in figures.values())
-
+# ----------------------------------------------------------------------------- the script's --quick metrics
 
 def test_the_sink_claims_name_gu_et_al_s_sink_rate(quick, capsys):
-    pretrain.report(quick[1], 32)
+    pretrain.report(quick[1]["05_pretrain_headwise"], 32)
     assert "Gu et al.'s sink rate (a head with alpha > 0.3 in a window, per window)" in capsys.readouterr().out
 
 
 def test_quick_curves_have_the_same_length_for_every_variant(quick):
-    metrics = quick[1]
+    metrics = quick[1]["05_pretrain_headwise"]
+    assert metrics["val_steps"] == [0, 20, 40, 60]  # the tiny profile's 60 steps, evaluated every 20
     assert list(metrics["val_loss_curves"]) == VARIANTS
     lengths = {len(curve) for by_seed in metrics["val_loss_curves"].values() for curve in by_seed.values()}
-    assert lengths == {len(metrics["val_steps"])} == {4}  # tiny profile: steps 0, 20, 40, 60
+    assert lengths == {4}
     assert all(len(metrics["val_loss_final"][v]) == 1 for v in VARIANTS)
 
 
 def test_quick_shapes(quick):
-    metrics = quick[1]
+    metrics = quick[1]["05_pretrain_headwise"]
     n_layer, n_head, T = 2, 2, 32  # the tiny profile
     for v in VARIANTS:
         assert len(metrics["first_token_attention_by_layer"][v]) == n_layer
         assert len(metrics["dominance_ratio_token0_by_layer"][v]) == n_layer  # each block's input, after its RMSNorm
         assert len(metrics["effective_rank_by_layer"][v]) == n_layer + 1
         assert len(metrics["var_by_position"][v]) == T
-        steps = metrics["steps_to_baseline_loss"][v]
-        assert steps is None or 0 <= steps <= 60
-    assert metrics["steps_to_baseline_loss"]["softmax"] is not None  # the baseline reaches its own final loss
+    # one seed: the baseline's final loss is its own, which its falling curve first reaches at the last evaluation
+    assert metrics["steps_to_baseline_loss"]["softmax"] == 60
     assert [len(layer) for layer in metrics["head_entropy"]] == [n_head] * n_layer
     assert [len(layer) for layer in metrics["head_output_variance"]] == [n_head] * n_layer
 
 
-def without_run(metrics):
-    """The numbers alone: the "run" entry records the command line, which differs between two runs."""
-    return {key: value for key, value in metrics.items() if key != "run"}
-
-
-def test_same_seed_gives_identical_metrics(quick, tmp_path):
-    """Every variant trained again from scratch in an empty folder, not loaded from the cache."""
-    _, metrics = quick
-    again = pretrain.main(["--quick", "--seeds", "1", "--out_dir", str(tmp_path)])
-    assert without_run(again) == without_run(metrics)
-
+# ----------------------------------------------------------------------------- its command line
 
 # 05 in each of 2 gloo processes under torchrun, `analyse` wrapped to record which rank calls it.
 DRIVER = textwrap.dedent(f"""
@@ -133,17 +99,7 @@ def test_variants_without_the_baseline_is_an_input_error(tmp_path):
         pretrain.main(["--quick", "--variants", "headwise", "--out_dir", str(tmp_path)])
 
 
-# ----------------------------------------------------------------------------- measures, known answers
-
-def test_attention_entropy_of_uniform_and_one_hot_attention():
-    T = 6
-    uniform = torch.tril(torch.ones(T, T)) / torch.arange(1, T + 1).view(T, 1)  # row t: 1 / (t + 1) on keys <= t
-    one_hot = torch.zeros(T, T)
-    one_hot[:, 0] = 1  # every query on key 0: a perfect sink
-    pattern = torch.stack([uniform, one_hot]).expand(3, 2, T, T)  # (B, H, T, T): head 0 uniform, head 1 one-hot
-    expected_uniform = sum(math.log(t + 1) for t in range(1, T)) / (T - 1)
-    torch.testing.assert_close(attention_entropy_by_head(pattern), torch.tensor([expected_uniform, 0.0]))
-
+# ----------------------------------------------------------------------------- its own functions, known answers
 
 def test_steps_to_reach():
     steps, losses = [0, 10, 20], [3.0, 2.0, 1.0]
@@ -163,6 +119,34 @@ def test_seed_study_pairs_the_head_norm_arms_by_seed():
     assert calibrated["final"] == pytest.approx({"mean": -0.1, "low": -0.1, "high": -0.1})
     assert decayed["mid"] == pytest.approx({"mean": 0.05, "low": 0.05, "high": 0.05})
     assert pretrain.seed_study([0, 10, 20], curves, ["softmax", "headwise"])["ablations"] == {}
+
+
+def test_dominance_after_rmsnorm_and_variance_before_the_headwise_norm(tiny_config):
+    """The paper measures dominance after RMSNorm (gain included), and Fig. 23 means something only before
+    the head-wise norm: after it, every head vector has RMS 1 times its gain, by construction."""
+    model = GPT(dataclasses.replace(tiny_config, attn="headwise"))
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn_norm.weight.uniform_(0.5, 2.0)  # a gain that is not 1, so its place shows
+    x = torch.randint(256, (4, 16))
+    _, cache = model.run_with_cache(x, record=["blocks.*.hook_resid_in", "blocks.0.attn.hook_head_out"])
+    measured = pretrain.analyse(model, x)
+    normalised = [model.blocks[i].attn_norm(cache[f"blocks.{i}.hook_resid_in"]).detach() for i in range(2)]
+    expected = [float(dominance_ratio(n[:, 0]).mean()) for n in normalised]
+    assert measured["dominance_ratio_token0"] == pytest.approx(expected, rel=1e-5)
+    before = variance_by_position(cache["blocks.0.attn.hook_head_out"])[1].tolist()
+    assert measured["var_by_position"] == pytest.approx(before, rel=1e-5)
+
+
+def test_is_cached_sees_only_this_recipe(tmp_path):
+    """A checkpoint of another recipe of the same profile, variant and seed is not this run's."""
+    data = ByteData(b"cached or not " * 100, 32, "text")
+    path, _ = checkpoint_path("tiny", "softmax", 0, data, "cpu", str(tmp_path))
+    os.makedirs(os.path.dirname(path))
+    open(path.replace(".pt", "0.pt"), "wb").close()  # same profile-attn-seed prefix, another key
+    assert not pretrain.is_cached("tiny", "softmax", 0, data, "cpu", str(tmp_path))
+    open(path, "wb").close()
+    assert pretrain.is_cached("tiny", "softmax", 0, data, "cpu", str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- claims_long: 05's studies over seeds
@@ -190,36 +174,3 @@ def test_claim_headwise_ends_lower_paired_over_seeds(seed_study):
 def test_claim_headwise_converges_faster_paired_over_seeds(seed_study):
     d = seed_study["seed_study"]["by_variant"]["headwise"]["minus_baseline_mid"]
     assert d["high"] < 0, f"head-wise minus baseline at mid-training: {d}"
-
-
-def test_dominance_after_rmsnorm_and_variance_before_the_headwise_norm(tiny_config):
-    """The paper measures dominance after RMSNorm (gain included), and Fig. 23 means something only before
-    the head-wise norm: after it, every head vector has RMS 1 times its gain, by construction."""
-    import dataclasses
-    from measures import dominance_ratio, variance_by_position
-    from model import GPT
-    model = GPT(dataclasses.replace(tiny_config, attn="headwise"))
-    with torch.no_grad():
-        for block in model.blocks:
-            block.attn_norm.weight.uniform_(0.5, 2.0)  # a gain that is not 1, so its place shows
-    x = torch.randint(256, (4, 16))
-    _, cache = model.run_with_cache(x, record=["blocks.*.hook_resid_in", "blocks.0.attn.hook_head_out"])
-    measured = pretrain.analyse(model, x)
-    normalised = [model.blocks[i].attn_norm(cache[f"blocks.{i}.hook_resid_in"]).detach() for i in range(2)]
-    expected = [float(dominance_ratio(n[:, 0]).mean()) for n in normalised]
-    assert measured["dominance_ratio_token0"] == pytest.approx(expected, rel=1e-5)
-    before = variance_by_position(cache["blocks.0.attn.hook_head_out"])[1].tolist()
-    assert measured["var_by_position"] == pytest.approx(before, rel=1e-5)
-
-
-def test_is_cached_sees_only_this_recipe(tmp_path):
-    """A checkpoint of another recipe of the same profile, variant and seed is not this run's."""
-    from data import ByteData
-    from training import checkpoint_path
-    data = ByteData(b"cached or not " * 100, 32, "text")
-    path, _ = checkpoint_path("tiny", "softmax", 0, data, "cpu", str(tmp_path))
-    os.makedirs(os.path.dirname(path))
-    open(path.replace(".pt", "0.pt"), "wb").close()  # same profile-attn-seed prefix, another key
-    assert not pretrain.is_cached("tiny", "softmax", 0, data, "cpu", str(tmp_path))
-    open(path, "wb").close()
-    assert pretrain.is_cached("tiny", "softmax", 0, data, "cpu", str(tmp_path))

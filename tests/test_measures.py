@@ -3,9 +3,14 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
 
-from measures import (attention_received, head_attention_received, interval_verdict,
-                      norm_spike_layer, paired_interval, sink_rate, sink_scores)
+from measures import (attention_entropy_by_head, attention_received, dominance_ratio, effective_rank, first_sink_layer,
+                      head_attention_received, head_output_variance, interval_verdict, norm_spike_layer, paired_interval,
+                      rank_correlation, row_norm_zscores, sink_rate, sink_scores, super_neuron_record,
+                      token0_activation_ratio, unit_most_active_on_token0, unit_most_selective_for_token0,
+                      unit_with_largest_row_norms)
 
 
 def uniform_causal(T, B=1, H=1):
@@ -63,7 +68,7 @@ def test_a_previous_token_head_does_not_put_the_peak_on_the_last_positions():
     assert int(raw[1:].argmax()) + 1 == T - 2
     kept = attention_received(pattern, min_later=m)
     assert (kept[T - m:] == 0).all() and kept[T - m - 1] > 0  # key j has T - 1 - j later queries
-    assert int(kept[1:].argmax()) + 1 <= T - 1 - m
+    assert int(kept[1:].argmax()) + 1 == T - 1 - m  # the last key counted: the previous-token head's key again
     assert head_attention_received(pattern, 3)[1] == pytest.approx(1 / (T - 4))  # only query 4 looks at 3
 
 
@@ -79,3 +84,101 @@ def test_paired_interval_by_hand():
     assert interval_verdict(*paired_interval([1.0, 1.1, 0.9], [2.0, 2.0, 2.0])[1:]) == "lower"
     assert paired_interval([3.0], [2.0]) == (1.0, None, None)
     assert interval_verdict(None, None) == "one seed: no interval"
+
+
+def test_attention_entropy_of_uniform_and_one_hot_attention():
+    """Head 0 spreads each query evenly over the keys it sees, head 1 puts every query on key 0 (a perfect sink);
+    row 0, which sees only itself, is left out."""
+    T = 6
+    pattern = uniform_causal(T, B=3, H=2)
+    pattern[:, 1] = 0
+    pattern[:, 1, :, 0] = 1.0
+    expected_uniform = sum(math.log(t + 1) for t in range(1, T)) / (T - 1)  # rows t >= 1: uniform over t + 1 keys
+    assert_close(attention_entropy_by_head(pattern), torch.tensor([expected_uniform, 0.0]))
+    assert_close(attention_entropy_by_head(0.25 * pattern), torch.tensor([expected_uniform, 0.0]))  # rows summing to 0.25
+
+
+def test_head_output_variance_and_rank_correlation():
+    head_out = torch.zeros(2, 2, 3, 4)  # (B, H, T, hd)
+    head_out[..., 0, :] = torch.tensor([1.0, -1.0, 1.0, -1.0])  # each head's position 0: variance 4/3 over hd
+    assert head_output_variance(head_out).tolist() == pytest.approx([4 / 9, 4 / 9])  # mean over the 3 positions
+    assert rank_correlation([0.1, 0.5, 0.3], [3.0, 1.0, 2.0]) == pytest.approx(-1.0)
+    assert rank_correlation([0.1, 0.2, 0.3, 0.4], [1.0, 3.0, 2.0, 4.0]) == pytest.approx(0.8)  # 1 - 6 * 2 / (4 * 15)
+
+
+def test_attention_received_of_uniform_causal_attention():
+    T = 6
+    expected = torch.tensor([sum(1 / (t + 1) for t in range(j + 1, T)) / max(T - j - 1, 1) for j in range(T)])
+    expected[-1] = 0.0  # no query after the last key
+    assert_close(attention_received(uniform_causal(T, B=2, H=3)), expected)
+
+
+def test_first_sink_layer_from_a_layer_on():
+    rate = [1.0, 0.25, 0.5, 1.0]  # Gu et al.'s sink rate by layer
+    assert first_sink_layer(rate) == 0
+    assert first_sink_layer(rate, from_layer=1) == 2  # a rate of exactly SINK_LAYER_SHARE (0.5) is a sink layer
+    assert first_sink_layer(rate, from_layer=1, share=0.75) == 3
+    assert first_sink_layer([0.25, 0.45]) is None
+
+
+def test_token0_activation_ratio():
+    hidden = torch.ones(2, 4, 3)
+    hidden[:, 0, 1] = -20.0
+    assert token0_activation_ratio(hidden, 1) == pytest.approx(20.0)
+    assert token0_activation_ratio(hidden, 0) == pytest.approx(1.0)
+
+
+def test_the_three_unit_pickers_find_three_planted_units():
+    """By weights: the unit whose W_gate and W_up rows are longest; by activation: the unit largest on token 0,
+    and the unit largest on token 0 against the other positions."""
+    w_gate, w_up = torch.ones(6, 4), torch.ones(6, 4)  # (ffn, C)
+    w_gate[1] *= 3
+    w_up[1] *= 2
+    w_gate[4] *= 2  # z(W_gate) only
+    zs = row_norm_zscores(w_gate, w_up)
+    assert unit_with_largest_row_norms({0: zs, 1: row_norm_zscores(torch.ones(6, 4), torch.ones(6, 4))}) == (0, 1)
+    hidden = torch.ones(3, 5, 6)  # (N, T, ffn)
+    hidden[:, :, 2] = 5.0  # large everywhere: the most active on token 0, not selective
+    hidden[:, 0, 3] = -4.0  # 4x the others on token 0
+    assert unit_most_active_on_token0(hidden) == 2
+    assert unit_most_active_on_token0(hidden[:, :1]) == 2  # token 0 alone suffices
+    assert unit_most_selective_for_token0({0: torch.ones(3, 5, 6), 1: hidden}) == (1, 3, pytest.approx(4.0))
+
+
+def test_super_neuron_record():
+    z_gate, z_up = torch.tensor([0.5, 3.5, -1.0]), torch.tensor([0.2, 3.0, 4.0])  # (ffn,)
+    hidden = torch.ones(2, 4, 3)  # (N, T, ffn)
+    hidden[:, 0, 1] = torch.tensor([6.0, 10.0])  # unit 1: the largest on token 0, 8x the others on average
+    record = super_neuron_record(0, 1, z_gate, z_up, hidden)
+    assert record == dict(layer=0, unit=1, gate_norm_z=3.5, up_norm_z=3.0, rule_met=True, token0_activation_ratio=8.0,
+                          activation_token0=8.0, activation_argmax_unit=1, activation_argmax_agrees=True)
+    other = super_neuron_record(0, 2, z_gate, z_up, hidden)
+    assert not other["rule_met"] and other["activation_argmax_unit"] == 1 and not other["activation_argmax_agrees"]
+    assert super_neuron_record(0, 2, z_gate, z_up, hidden, z_threshold=-1.0)["rule_met"]
+
+
+def test_effective_rank_of_identity_and_rank_one():
+    assert effective_rank(torch.eye(7)) == pytest.approx(7, rel=1e-6)
+    u, v = torch.randn(20, 1), torch.randn(1, 8)
+    assert effective_rank(u @ v) == pytest.approx(1, abs=1e-4)
+
+
+def test_dominance_ratio_of_one_hot_and_constant():
+    D = 16
+    assert float(dominance_ratio(F.one_hot(torch.tensor(3), D).float())) == pytest.approx(D)
+    assert float(dominance_ratio(torch.full((D,), -2.5))) == pytest.approx(1.0)
+
+
+def test_the_masked_query_does_not_count_in_what_k_receives():
+    """Under the self-only mask, row k is one-hot on k: weight k gives itself, not weight it receives."""
+    T, k = 8, 3
+    pattern = torch.tril(torch.ones(T, T))
+    pattern[k + 1:, k] = 0.0  # no later query looks at k
+    pattern[k] = 0.0
+    pattern[k, k] = 1.0  # k attends only to itself
+    pattern = (pattern / pattern.sum(-1, keepdim=True)).expand(2, 2, T, T)
+    assert float(attention_received(pattern)[k]) == 0.0
+    without_k = [t for t in range(1, T) if t != k]
+    rows = pattern[0, 0, without_k]
+    expected = float(-(rows * rows.clamp_min(1e-30).log()).sum(-1).mean())
+    assert float(attention_entropy_by_head(pattern, skip=(k,)).mean()) == pytest.approx(expected, rel=1e-6)
