@@ -242,8 +242,7 @@ def test_init_variance_decays_like_one_over_t_plus_one():
     values and its variance across sequences is var(v) / (t + 1)."""
     model = GPT(GPTConfig(block_size=32, n_layer=1, n_head=4, n_embd=64))
     idx = random_token_windows(2048, 32, bos=False, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), model.hooks(record="blocks.0.attn.hook_head_out") as cache:
-        model(idx)
+    _, cache = model.run_with_cache(idx, record="blocks.0.attn.hook_head_out")
     across_sequences, _ = variance_by_position(cache["blocks.0.attn.hook_head_out"])  # (T,)
     for t in (1, 3, 7, 15, 31):
         assert_close(across_sequences[t] / across_sequences[0], torch.tensor(1 / (t + 1)), rtol=0.15, atol=0)

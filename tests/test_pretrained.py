@@ -159,8 +159,8 @@ def test_rope_rows_to_halves_undoes_the_converter():
 def test_grouped_query_attention_paths_agree_and_hooks_see_every_head():
     model = tiny_llama(vocab_size=50, tie_embeddings=False)
     x = torch.randint(50, (2, 16))
-    with model.hooks(record=["blocks.0.attn.hook_k", "blocks.0.attn.hook_v", "blocks.0.attn.hook_pattern"]) as cache:
-        explicit = model(x)[0]
+    explicit, cache = model.run_with_cache(x, record=["blocks.0.attn.hook_k", "blocks.0.attn.hook_v",
+                                                      "blocks.0.attn.hook_pattern"])
     torch.testing.assert_close(model(x)[0], explicit, rtol=1e-5, atol=1e-5)  # fast path vs the recorded path
     assert cache["blocks.0.attn.hook_k"].shape == cache["blocks.0.attn.hook_v"].shape == (2, 4, 16, 8)
     torch.testing.assert_close(cache["blocks.0.attn.hook_k"][:, 0], cache["blocks.0.attn.hook_k"][:, 1])  # heads 0, 1 share
