@@ -363,7 +363,7 @@ def checked_losses(losses, first_step):
 
 CHECK_EVERY = 50  # steps between reads of the loss (each read waits for the device)
 
-# On the CPU, compiling the training step takes 13-45 s the first time (1-2 s once torch's cache
+# On the CPU, compiling the training step takes 13-45 s the first time (6-8 s once torch's cache
 # is warm) and then makes each step 1.1-1.4x faster (README's throughput): it pays from about 10M
 # training tokens, the cpu and cpu_bos profiles, not the tiny profile nor 05's 2000-step seed study.
 CPU_COMPILE_FROM_TOKENS = 10_000_000
