@@ -73,13 +73,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cli import (N_WINDOWS, layer_ticks, plot_head_entropy, print_table, run_script, save_figure, script_parser, setup,
+from cli import (N_WINDOWS, cost_text, emergence, layer_ticks, order_text, plot_emergence, plot_head_entropy,
+                 print_emergence_table, print_link_bars, print_table, run_script, save_figure, script_parser, setup,
                  studied_model, write_metrics)
 import matplotlib.pyplot as plt  # after cli, which chooses matplotlib's file-only backend
 from data import random_token_windows
 from measures import (SINK_LAYER_SHARE, SINK_THRESHOLD, SPIKE_NORM_RATIO, attention_entropy_by_head, first_sink_layer,
                       first_token_attention, head_output_variance, norm_spike_layer, rank_correlation, sink_rate,
-                      variance_by_position)
+                      token0_norms, variance_by_position, variance_ratio_token0, variance_reading)
 from model import GPT
 
 CASE_TITLES = {"init": "random init, text", "trained": "trained, text", "random_tokens": "trained, random tokens"}
@@ -98,11 +99,6 @@ def kendall_tau_b(x, y):
     sy = np.sign(y[:, None] - y[None, :])[upper]
     denominator = np.sqrt((sx != 0).sum() * (sy != 0).sum())
     return float((sx * sy).sum() / denominator) if denominator > 0 else 0.0
-
-
-def variance_ratio_token0(variance):
-    """(T,) variance per position -> variance at position 0 over the mean at positions >= 1."""
-    return float(variance[0] / variance[1:].mean().clamp_min(1e-30))
 
 
 def within_token_variance_ratio(out):
@@ -178,9 +174,7 @@ def variance_discrepancy(model, x, x_random, bos, seed):
     by_case = {"init": layer0_variance(random_init_like(model), x),  # freed after its one pass
                "trained": layer0_variance(model, x),
                "random_tokens": layer0_variance(model, x_random)}
-    # With BOS, token 0 is the same in every window: its variance across windows is 0 by construction,
-    # so the ratio reads the variance within a token; without BOS, the paper's reading, across windows.
-    reading = "within_token" if bos else "across_sequences"
+    reading = variance_reading(bos)  # with BOS, within a token: token 0's variance across windows is 0
     return {**{f"var_by_position_{case}": variance for case, variance in by_case.items()},
             "var_ratio_token0": {case: variance_ratio_token0(torch.tensor(v[reading])) for case, v in by_case.items()},
             "var_ratio_reading": reading}
@@ -196,12 +190,11 @@ def sink_and_norm(cache, layers):
     entering the block beside the others'; the first norm spike and sink layers, and whether they are in order."""
     patterns = [cache[f"blocks.{i}.attn.hook_pattern"] for i in layers]  # (N, H, T, T) each
     rate_by_layer, rate = sink_rate(patterns)
-    norms = [cache[f"blocks.{i}.hook_resid_in"].norm(dim=-1) for i in layers]  # (N, T) each
-    norm0, norm_others = [float(n[:, 0].mean()) for n in norms], [float(n[:, 1:].mean()) for n in norms]
+    norm0, norm_others = zip(*(token0_norms(cache[f"blocks.{i}.hook_resid_in"]) for i in layers))
     spike, sink = norm_spike_layer(norm0, norm_others), first_sink_layer(rate_by_layer)
     return {"first_token_attention_by_layer": [float(first_token_attention(p).mean()) for p in patterns],
             "sink_rate_by_layer": rate_by_layer, "sink_rate": rate,
-            "first_token_norm_by_layer": norm0, "other_token_norm_by_layer": norm_others,
+            "first_token_norm_by_layer": list(norm0), "other_token_norm_by_layer": list(norm_others),
             "spike_layer": spike, "sink_layer": sink, "sink_follows_spike": sink_follows_spike(spike, sink)}
 
 
@@ -232,6 +225,16 @@ def entropy_and_variance(cache, layers):
             "head_output_variance_by_layer": [v.tolist() for v in variance],
             "head_entropy_variance_spearman_by_layer": [rank_correlation(e.numpy(), v.numpy())
                                                         for e, v in zip(entropy, variance)]}
+
+
+def chain_over_training(run, x, bos):
+    """The chain as the studied model grew: every link at each snapshot its training kept (cli.emergence) ->
+    ({"softmax": {seed: result}}, its cost), or (None, None) for a pretrained model (it has no snapshots) and
+    with --snapshots 0."""
+    if run.pretrained is not None or run.snapshots == 0:
+        return None, None
+    result, cost = emergence(run, "softmax", run.seed, x, bos)
+    return {"softmax": {str(run.seed): result}}, cost
 
 
 # ----------------------------------------------------------------------------- figures
@@ -303,6 +306,13 @@ def plot_entropy_and_variance(metrics, window, path):
                       path)
 
 
+def draw_emergence(metrics, run):
+    if metrics["emergence"] is not None:
+        result = metrics["emergence"]["softmax"][str(run.seed)]
+        plot_emergence({run.subject: [result]}, {run.subject: "tab:red"},
+                       f"The chain as it grows: {run.subject}, seed {run.seed}", run.path("fig_emergence.png"))
+
+
 def draw(metrics, row_taus, run, window):
     plot_variance(metrics, run.path("fig1_variance_by_position.png"))
     plot_attention_and_norm(metrics, run.path("fig3_attention_and_norm.png"))
@@ -358,6 +368,19 @@ def report(metrics, subject, vocab_size, window):
           f"{[i for i in layers if rho[i] < 0] or 'none'}")
 
 
+def report_emergence(metrics, run, cost):
+    """The chain as it grew, one short section; one line where there are no snapshots."""
+    if metrics["emergence"] is None:
+        print(f"\n{run.subject}: no snapshots to follow the chain through training "
+              + ("(a pretrained model)" if run.pretrained is not None else "(--snapshots 0)"))
+        return
+    result = metrics["emergence"]["softmax"][str(run.seed)]
+    print_link_bars()
+    print_emergence_table(f"{run.subject}, seed {run.seed}", result)
+    print(order_text(f"{run.subject}, seed {run.seed}", result))
+    print(f"{run.subject}: {cost_text([cost])} (fig_emergence.png)")
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None) -> dict:
@@ -372,10 +395,13 @@ def main(argv=None) -> dict:
     layers = range(model.config.n_layer)
     metrics |= {**held_out_loss(logits, x), **sink_and_norm(cache, layers), **wo_keeps_variance(model, cache, layers),
                 **entropy_and_variance(cache, layers)}
+    metrics["emergence"], cost = chain_over_training(run, x, bos)
     row_taus = metrics.pop("wo_row_kendall_taus_by_layer")  # Fig. 7's boxes, too long for metrics.json
     metrics = write_metrics(metrics, run)
     draw(metrics, row_taus, run, x.shape[1])
+    draw_emergence(metrics, run)
     report(metrics, run.subject, model.config.vocab_size, x.shape[1])
+    report_emergence(metrics, run, cost)
     return metrics
 
 

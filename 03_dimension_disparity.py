@@ -55,21 +55,13 @@ import torch.nn.functional as F
 from cli import (N_WINDOWS, layer_ticks, print_table, run_script, save_figure, script_parser, setup, studied_model,
                  write_metrics)
 import matplotlib.pyplot as plt  # after cli, which chooses matplotlib's file-only backend
-from measures import SPIKE_NORM_RATIO, dominance_ratio, mean_effective_rank, norm_spike_layer
+from measures import (SPIKE_NORM_RATIO, dominance_ratio, mean_effective_rank, mean_pairwise_cosine, spike_or_largest_ratio,
+                      token0_norms)
 
 HOOKS = ["blocks.*.hook_resid_in", "blocks.*.hook_attn_in", "blocks.*.attn.hook_q", "blocks.*.attn.hook_k"]
 
 
 # ----------------------------------------------------------------------------- measures
-
-def mean_pairwise_cosine(states):
-    """(N, ..., C) -> (...): mean cosine similarity over the N(N-1) ordered pairs of different rows along dim 0.
-    1 when all N vectors point the same way; about 0 for random directions."""
-    unit = F.normalize(states, dim=-1)  # (N, ..., C)
-    total = unit.sum(dim=0)  # (..., C); |sum|^2 = sum over all pairs, the N self-pairs included
-    n = states.shape[0]
-    return ((total * total).sum(-1) - n) / (n * (n - 1))
-
 
 def qk_locking_by_head(w_query, q, k):
     """Per head: (|cos| between the sink key and W_Q's principal direction, share of queries t >= 1 whose
@@ -104,12 +96,9 @@ def dimension_disparity(cache, layers):
 def norm_spike(cache, layers):
     """Token 0's L2 norm over the others' per layer, and the layer QK locking is read in: the first whose input
     has the norm spike, or without one the layer of the largest ratio."""
-    norms = [cache[f"blocks.{i}.hook_resid_in"].norm(dim=-1) for i in layers]  # (N, T) each
-    ratio = [float(n[:, 0].mean() / n[:, 1:].mean()) for n in norms]
-    spiked = norm_spike_layer([float(n[:, 0].mean()) for n in norms], [float(n[:, 1:].mean()) for n in norms])
-    layer, rule = ((spiked, "the first norm spike") if spiked is not None else
-                   (int(np.argmax(ratio)), "no norm spike: the largest ratio"))
-    return {"token0_norm_ratio_by_layer": ratio, "spike_layer": layer, "spike_layer_rule": rule}
+    norms = [token0_norms(cache[f"blocks.{i}.hook_resid_in"]) for i in layers]  # (token 0's, the others') each
+    layer, rule = spike_or_largest_ratio(norms)
+    return {"token0_norm_ratio_by_layer": [a / b for a, b in norms], "spike_layer": layer, "spike_layer_rule": rule}
 
 
 def direction_cosines(model, x):

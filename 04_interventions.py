@@ -72,10 +72,10 @@ import torch
 from cli import N_WINDOWS, print_table, run_script, save_figure, script_parser, setup, studied_model, write_metrics
 import matplotlib.pyplot as plt  # after cli, which chooses matplotlib's file-only backend
 from data import random_token_windows
-from measures import (MIN_LATER_QUERIES, SINK_THRESHOLD, attention_entropy_by_head, attention_received, dominance_ratio,
-                      early_layers, first_sink_layer, first_token_attention, head_attention_received, row_norm_zscores,
-                      sink_rate, super_neuron_record, unit_most_selective_for_token0, unit_with_largest_row_norms)
-from model import InputError, self_only_mask
+from measures import (MASK_GAIN, MIN_LATER_QUERIES, SINK_THRESHOLD, attention_received, default_k, dominance_ratio,
+                      early_layers, first_sink_layer, layer_mean, mask_passes, row_norm_zscores, super_neuron_record,
+                      unit_with_largest_row_norms)
+from model import InputError
 
 LAMBDAS = (1, 2, 4, 8, 16, 32)
 AUTHORS_LAMBDAS = (1, 2, 5, 10, 15, 20, 25, 30)  # the authors' notebook's
@@ -84,7 +84,6 @@ VALUES = "values on random tokens"  # the authors' mu: each layer's mean value v
 RANDOM_TOKENS = 50_000  # ... over about this many tokens, as in their notebook
 BELOW = "below L_obs"  # the authors' reading: the edit in every layer below L_obs, attention read at L_obs alone
 EDITED = "hook_head_out_post"  # the input of W_O; in the softmax models 04 studies, the head outputs o_{t,h}
-MASK_GAIN = 10  # ours: under the mask, k receives at least 10x its unmasked attention (the paper's Fig. 5 shows a peak)
 CONTROL_GAIN = 3  # ours: the variance arm gives k at least 3x what either control gives (the paper's controls stay flat)
 ARM_COLORS = {"variance": "tab:red", "scale control": "tab:gray", "shift control": "tab:blue"}
 PROBED = ("superneuron_activation_at_k", "dominance_ratio_at_k", "rms_ratio_at_k")  # what the main reading also reads
@@ -95,22 +94,6 @@ PROBED = ("superneuron_activation_at_k", "dominance_ratio_at_k", "rms_ratio_at_k
 def last_block(hooks):
     """The last block that any of these hook names ("blocks.{layer}....") is in: a pass that reads them stops there."""
     return max(int(name.split(".")[1]) for name in hooks)
-
-
-def layer_summary(pattern, k):
-    """One layer's attention (N, H, T, T) reduced to what 04 prints of it: about key k and every key j, the
-    attention it receives; about token 0, Gu et al.'s sink rate and the first token's attention."""
-    return dict(received=attention_received(pattern),  # (T,)
-                received_seen=attention_received(pattern, MIN_LATER_QUERIES),  # (T,)
-                heads_over_threshold_on_k=int((head_attention_received(pattern, k) >= SINK_THRESHOLD).sum()),
-                entropy=float(attention_entropy_by_head(pattern, skip=(k,)).mean()),
-                first_token_attention=float(first_token_attention(pattern).mean()),
-                sink_rate=sink_rate([pattern])[0][0])  # Gu et al.'s sink rate of this layer alone
-
-
-def layer_mean(summaries, layers, key="received"):
-    """The mean over `layers` of one entry of their layer summaries, e.g. attention received (T,)."""
-    return torch.stack([summaries[i][key] for i in layers]).mean(0)
 
 
 def residual_at_k(resid, k):
@@ -225,31 +208,6 @@ def find_super_neuron(model, x):
     hook = f"blocks.{layer}.mlp.hook_hidden"
     _, cache = model.run_with_cache(x, record=hook, last_layer=layer)
     return super_neuron_record(layer, unit, *zscores[layer], cache[hook])
-
-
-def token0_unit_chain(hidden, k):
-    """The token-0 unit, found by its activations {layer: (N, T, ffn)} in the early layers, and its mean
-    |activation| on token 0 and at k."""
-    layer, unit, ratio = unit_most_selective_for_token0(hidden)
-    return dict(layer=layer, unit=unit, token0_ratio=ratio, at_token0=float(hidden[layer][:, 0, unit].abs().mean()),
-                at_k_unmasked=float(hidden[layer][:, k, unit].abs().mean()))
-
-
-def mask_passes(model, x, k, from_layer):
-    """The baseline pass and the masked one (token k attends only to itself in layers from_layer..last), each
-    layer's attention reduced by layer_summary as it passes -> dict(baseline, masked: a summary per layer,
-    token0_unit: the chain at k, the token-0 unit found in the baseline and its |activation| at k in both passes)."""
-    n_layer, T = model.config.n_layer, x.shape[1]
-    summaries = {f"blocks.{i}.attn.hook_pattern": partial(layer_summary, k=k) for i in range(n_layer)}
-    early = {i: f"blocks.{i}.mlp.hook_hidden" for i in early_layers(n_layer)}
-    _, baseline = model.run_with_cache(x, record=early.values(), reduce=summaries, last_layer=n_layer - 1)
-    chain = token0_unit_chain({i: baseline.pop(name) for i, name in early.items()}, k)  # released before the next pass
-    unit_at_k = {early[chain["layer"]]: lambda hidden: float(hidden[:, k, chain["unit"]].abs().mean())}
-    _, masked = model.run_with_cache(x, reduce={**summaries, **unit_at_k}, last_layer=n_layer - 1,
-                                     mask=self_only_mask(T, k, x.device), mask_layers=range(from_layer, n_layer))
-    chain["at_k_masked"] = masked.pop(early[chain["layer"]])
-    return dict(baseline=[baseline[name] for name in summaries], masked=[masked[name] for name in summaries],
-                token0_unit=chain)
 
 
 def mask_intervention(model, x, k, from_layer):
@@ -508,7 +466,7 @@ def layer_range(text, n_layer):
 
 def checked_options(args, T, n_layer):
     """-> (k, the layers --amplify_layers names or None), every option checked before the first pass."""
-    k = args.k if args.k is not None else (10 if T > 10 else T // 2)
+    k = args.k if args.k is not None else default_k(T)
     if not 1 <= k < T - 1:
         raise InputError(f"--k {k} is outside the window of {T} tokens: choose 1..{T - 2} "
                          "(token 0 already attends only to itself, and the last token has no later query)")

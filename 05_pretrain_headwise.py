@@ -18,10 +18,13 @@ token, so 05 takes the recipe with a BOS token whose layer-0 sink a fix can remo
 the same token budget and the same data order, for each of --seeds seeds (seed --seed,
 --seed + 1, ...; default one seed: four models). The checkpoint cache keeps every
 run, so a second call only analyses. It prints the expected training time first: each
-variant's step planned as its training will run it (training.plan_training on a fresh model:
-precision, micro-batch, one step timed here), times the steps of every run still to train
-(an estimate; validation and progress bars add a little). Then, on 64 held-out windows,
-per variant (mean over seeds):
+variant's step planned as its training will run it (training.planned_step on a fresh model:
+precision, micro-batch, compiled where training compiles, one step timed here), times the
+steps of every run still to train (an estimate; validation and progress bars add a little).
+Each training keeps --snapshots models along the way (default 8, step 0 and log-spaced steps),
+and every link of the paper's chain is measured at each (measures.chain_links): the table,
+the step at which each link formed, and whether they formed in the paper's order
+(fig_emergence.png). Then, on 64 held-out windows, per variant (mean over seeds):
   - validation loss every eval_interval steps, mean and min-max band over seeds (Fig. 16);
     the final loss, and the first evaluated step at which the variant's mean curve reaches
     the baseline's mean final loss (resolution: eval_interval steps);
@@ -84,15 +87,16 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from cli import (N_WINDOWS, make_folder, plot_head_entropy, print_table, run_script, save_figure, script_parser,
-                 setup, write_metrics)
+from cli import (N_WINDOWS, cost_text, emergence, make_folder, order_text, plot_emergence, plot_head_entropy,
+                 print_emergence_table, print_link_bars, print_table, run_script, save_figure, script_parser, setup,
+                 write_metrics)
 import matplotlib.pyplot as plt  # after cli, which chooses matplotlib's file-only backend
 from measures import (SINK_THRESHOLD, attention_entropy_by_head, first_token_attention, head_output_variance,
                       interval_verdict, mean_effective_rank, paired_interval, rank_correlation, sink_rate,
                       token0_dominance_by_window, variance_by_position)
 from model import ATTENTION_VARIANTS, GPT, InputError
-from training import (ARMS, checkpoint_path, close_distributed, duration_text, init_distributed, plan_training,
-                      profile_configs, trained_model)
+from training import (ARMS, checkpoint_path, close_distributed, duration_text, init_distributed, planned_step,
+                      in_cache, profile_configs, trained_model)
 
 DEFAULT_PROFILE = "cpu_bos"  # on the CPU: the recipe with a BOS sink for the fixes to remove (README, 05)
 AGGREGATION_LAYER = 0  # the layer whose aggregation output Fig. 23 shows
@@ -149,20 +153,23 @@ def uniform_attention_to_token0(block_size):
 
 # ----------------------------------------------------------------------------- the time it will take
 
-def is_cached(profile, attn, seed, data, device, out_dir, steps=None, compile=None):
-    """This very run (its configs, data and environment) is in the cache; an older recipe's file is not."""
-    return os.path.exists(checkpoint_path(profile, attn, seed, data, device, out_dir, steps, compile)[0])
+def is_cached(profile, attn, seed, data, device, out_dir, steps=None, compile=None, snapshots=0):
+    """This very run (its configs, data and environment) is in the cache with its snapshots; an older recipe's
+    file is not."""
+    path = checkpoint_path(profile, attn, seed, data, device, out_dir, steps, compile)[0]
+    return in_cache(path, profile_configs(profile, attn, seed, steps)[1].steps, snapshots)
 
 
-def step_plan(arm, profile, data, device, micro_batch=None):
-    """How this arm's training will run here: training.plan_training on a fresh model (micro-batch, speed)."""
-    model_cfg, train_cfg = profile_configs(profile, arm)
-    return plan_training(GPT(model_cfg).to(device), data, train_cfg, micro_batch)
+def step_plan(arm, profile, data, device, micro_batch=None, steps=None, compile=None):
+    """How this arm's training will run here: training.planned_step on a fresh model (micro-batch, compiled, speed)."""
+    model_cfg, train_cfg = profile_configs(profile, arm, steps=steps)
+    return planned_step(GPT(model_cfg).to(device), data, train_cfg, micro_batch, compile)
 
 
 def training_options(run, steps):
     """What trained_model and is_cached take besides the profile, arm and seed."""
-    return dict(data=run.dataset, device=run.device, out_dir=run.out_dir, steps=steps, compile=run.compile)
+    return dict(data=run.dataset, device=run.device, out_dir=run.out_dir, steps=steps, compile=run.compile,
+                snapshots=run.snapshots)
 
 
 def training_estimate(run, variants, seeds, steps):
@@ -170,7 +177,7 @@ def training_estimate(run, variants, seeds, steps):
     model_cfg, train_cfg = profile_configs(run.profile, steps=steps)
     options = training_options(run, steps)
     to_train = [(v, s) for v in variants for s in seeds if not is_cached(run.profile, v, s, **options)]
-    plans = {v: step_plan(v, run.profile, run.dataset, run.device, run.micro_batch)
+    plans = {v: step_plan(v, run.profile, run.dataset, run.device, run.micro_batch, steps, run.compile)
              for v in dict.fromkeys(v for v, _ in to_train)}
     return {"plans": {v: plan.describe(train_cfg, model_cfg.block_size) for v, plan in plans.items()},
             "runs": len(variants) * len(seeds), "to_train": len(to_train), "profile": run.profile,
@@ -186,7 +193,7 @@ def train_and_analyse(run, variants, seeds, steps, rank):
     "analyses": {variant: [one per seed]}}. Under torchrun the other ranks only train."""
     bos = profile_configs(run.profile, steps=steps)[1].bos
     x, _ = run.dataset.windows("val", N_WINDOWS, bos, torch.Generator().manual_seed(run.seed))  # (N, T)
-    curves, analyses = {}, {}
+    curves, analyses, grown, costs = {}, {}, {}, []
     for seed in seeds:  # a paired design: within a seed, every variant sees the same windows in the same order
         for variant in variants:
             model, history = trained_model(run.profile, variant, seed, **training_options(run, steps),
@@ -194,7 +201,12 @@ def train_and_analyse(run, variants, seeds, steps, rank):
             if rank == 0:
                 curves.setdefault(variant, {})[str(seed)] = history["val_loss"]
                 analyses.setdefault(variant, []).append(analyse(model.eval(), x.to(run.device)))
-    return {"val_steps": history["val_step"], "curves": curves, "analyses": analyses}  # the same steps for every run
+                if run.snapshots:  # the chain at every snapshot of this training (cli.emergence)
+                    grown.setdefault(variant, {})[str(seed)], cost = emergence(run, variant, seed, x.to(run.device),
+                                                                                bos, steps)
+                    costs.append(cost)
+    return {"val_steps": history["val_step"], "curves": curves, "analyses": analyses,  # the same steps for every run
+            "emergence": grown or None, "snapshot_costs": costs}
 
 
 def paired_difference(a, b, j):
@@ -260,7 +272,7 @@ def summarise(trained, profile, steps, variants, seeds):
     return {"n_windows": N_WINDOWS, "profile": profile, "steps": steps, "variants": variants, "seeds": seeds,
             "val_steps": val_steps,
             **loss_study(val_steps, trained["curves"], variants), **measures_by_variant(analyses, variants),
-            **baseline_heads(analyses["softmax"][0])}
+            **baseline_heads(analyses["softmax"][0]), "emergence": trained["emergence"]}
 
 
 # ----------------------------------------------------------------------------- figures
@@ -337,6 +349,11 @@ def draw(metrics, model_cfg, run):
                   reference=(model_cfg.n_embd, f"n_embd = {model_cfg.n_embd}"), first_label=stream)
     plot_variance_by_position(metrics["var_by_position_after_norm"], metrics["var_by_position"],
                               run.path("fig23_variance_by_position.png"))
+    if metrics["emergence"] is not None:
+        plot_emergence({LABELS[v]: list(by_seed.values()) for v, by_seed in metrics["emergence"].items()},
+                       {LABELS[v]: COLORS[v] for v in metrics["emergence"]},
+                       f"The chain as it grows: {run.profile}, every arm, {len(metrics['seeds'])} seed(s)",
+                       run.path("fig_emergence.png"))
     entropy = metrics["head_entropy"]
     head_names = [f"L{i}H{h}" for i, layer in enumerate(entropy) for h in range(len(layer))]
     plot_head_entropy(head_names, np.concatenate(entropy), np.concatenate(metrics["head_output_variance"]),
@@ -403,6 +420,20 @@ def print_claims(metrics, variants):
               f"{interval_verdict(end['low'], end['high'], 'lower', 'higher')}")
     print(f"  Fig. 13, baseline heads: Spearman rank correlation of entropy and output variance "
           f"{metrics['head_entropy_variance_spearman']:+.2f} (paper: negative, low entropy gives high variance)")
+
+
+def report_emergence(metrics, costs):
+    """The chain as each arm grew: the first seed's table per arm, the order in every seed, and the snapshots' cost."""
+    if metrics["emergence"] is None:
+        print("\nno snapshots (--snapshots 0): the chain is not followed through training")
+        return
+    print_link_bars()
+    for v, by_seed in metrics["emergence"].items():
+        first = next(iter(by_seed))
+        print_emergence_table(f"{LABELS[v]}, seed {first}", by_seed[first])
+        for seed, result in by_seed.items():
+            print(order_text(f"{LABELS[v]}, seed {seed}", result))
+    print(f"\n{len(costs)} trainings: {cost_text(costs)} (fig_emergence.png)")
 
 
 def report(metrics, block_size):
@@ -478,6 +509,7 @@ def main(argv=None) -> dict:
     metrics = write_metrics(summarise(trained, run.profile, train_cfg.steps, variants, seeds), run)
     draw(metrics, model_cfg, run)
     report(metrics, model_cfg.block_size)
+    report_emergence(metrics, trained["snapshot_costs"])
     return metrics
 
 

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 
 import matplotlib
@@ -21,7 +22,8 @@ import torch
 from data import ByteData, held_out_tokens, load_corpus
 from model import GPT, InputError
 from pretrained import load_pretrained, smollm2_path
-from training import PROFILES, device_precision, profile_configs, trained_model
+from measures import LINKS, PAPER_ORDER, chain_links, crossings, paper_order
+from training import DEFAULT_SNAPSHOTS, PROFILES, device_precision, profile_configs, trained_model, trained_snapshots
 
 
 N_WINDOWS = 64  # held-out windows that every script measures on (PRETRAINED_N_WINDOWS for a pretrained model)
@@ -61,6 +63,9 @@ def script_parser(doc, cpu_profile="cpu", pretrained=True):
     parser.add_argument("--no_compile", action="store_true",
                         help="train without torch.compile (by default it compiles on CUDA, and on the CPU for runs of 10M tokens "
                              "or more: the cpu and cpu_bos profiles)")
+    parser.add_argument("--snapshots", type=int, default=DEFAULT_SNAPSHOTS,
+                        help=f"models kept along a training, step 0 and log-spaced steps to the last, each measured "
+                             f"link by link (default {DEFAULT_SNAPSHOTS}; 0: none)")
     if pretrained:
         parser.add_argument("--model", default="trained",
                             help="trained (the profile's model, trained here and cached; default), smollm2-135m, or "
@@ -83,6 +88,7 @@ class Run:
     out_dir: str  # --out_dir: the checkpoint cache lives in out_dir/checkpoints
     micro_batch: int | None  # --micro_batch
     compile: bool | None  # None: training's default (training.compiles); False: --no_compile
+    snapshots: int  # --snapshots: models kept along a training (training.snapshot_steps)
     pretrained: GPT | None = None  # the pretrained model, loaded once by setup
 
     def path(self, name):
@@ -145,11 +151,14 @@ def setup(args, script_file, cpu_profile="cpu", torchrun=False, argv=None):
         dataset = held_out_tokens(tokenizer, window, None if args.data is None else load_corpus(args.data))
         subject = os.path.basename(os.path.normpath(model)).removesuffix(".gguf")
         folder = os.path.join(folder, subject)
+    if args.snapshots < 0:
+        raise InputError(f"--snapshots {args.snapshots}: give 0 (none) or more")
     make_folder(folder, args.out_dir)
     torch.manual_seed(args.seed)
     return Run(argv=list(sys.argv[1:] if argv is None else argv), script=script, device=device, seed=args.seed,
                model=model, profile=profile, subject=subject, dataset=dataset, folder=folder, out_dir=args.out_dir,
-               micro_batch=args.micro_batch, compile=False if args.no_compile else None, pretrained=pretrained)
+               micro_batch=args.micro_batch, compile=False if args.no_compile else None, snapshots=args.snapshots,
+               pretrained=pretrained)
 
 
 def make_folder(folder, out_dir):
@@ -167,7 +176,7 @@ def studied_model(run, n_windows, seed_offset=0):
     (model, x (n_windows, T), bos). The trained model comes from the cache, or is trained now."""
     if run.pretrained is None:
         model, _ = trained_model(run.profile, "softmax", run.seed, run.dataset, run.device, run.out_dir,
-                                 micro_batch=run.micro_batch, compile=run.compile)
+                                 micro_batch=run.micro_batch, compile=run.compile, snapshots=run.snapshots)
         bos = profile_configs(run.profile)[1].bos
     else:
         model, bos, n_windows = run.pretrained, False, min(n_windows, PRETRAINED_N_WINDOWS)
@@ -201,6 +210,105 @@ def plot_head_entropy(names, entropy, variance, uniform_entropy, title, path):
     twin.plot(range(len(order)), variance[order], "o-", color="tab:red")
     twin.set(yscale="log")
     twin.set_ylabel("head output variance", color="tab:red")
+    save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- the chain as it grows (01, 05)
+
+def emergence(run, arm, seed, x, bos, steps=None):
+    """Every link of the chain (measures.chain_links) at each snapshot that training kept of this model, on the
+    held-out windows x (N, T) -> ({"snapshots": [{"step", "tokens", **links}], "crossings": the step each link
+    formed at, "order": measures.paper_order's}, what keeping and measuring the snapshots took: cost_text's).
+    The cost is kept apart: metrics.json holds only what the same seed measures again."""
+    began, series = time.time(), []
+    snapshots, history = trained_snapshots(run.profile, arm, seed, run.dataset, run.device, run.out_dir, steps,
+                                           run.compile, run.snapshots)
+    for snapshot in snapshots:
+        series.append({"step": snapshot["step"], "tokens": snapshot["tokens"],
+                       **chain_links(snapshot["model"].eval(), x, bos)})
+    crossed = crossings(series)
+    formed, never, in_order = paper_order(crossed)
+    measured = time.time() - began
+    return ({"snapshots": series, "crossings": crossed,
+             "order": {"formed": formed, "never_formed": never, "paper_order": in_order}},
+            {"save_s": history.get("snapshot_seconds"), "measure_s": measured, "train_s": history.get("seconds")})
+
+
+def cost_text(costs):
+    """The snapshots' cost over several trainings, as a share of their training time."""
+    costs = [c for c in costs if c["train_s"] is not None]  # None: trained before snapshots were timed
+    if not costs:
+        return "the snapshots' cost is unknown (the models were trained before it was timed)"
+    save, measure = sum(c["save_s"] for c in costs), sum(c["measure_s"] for c in costs)
+    train = sum(c["train_s"] for c in costs)
+    return (f"keeping the snapshots took {save:.1f} s during training and measuring them {measure:.1f} s, "
+            f"{(save + measure) / train:.1%} of the {train / 60:.1f} min of training")
+
+
+def link_text(name, value):
+    return "-" if value is None else f"{value:.3g}"
+
+
+LINK_COLUMNS = {"variance_ratio": "var 0", "norm_ratio": "norm 0", "token0_unit_ratio": "unit", "token0_unit_z": "unit z",
+                "massive_ratio": "massive", "dominance_ratio": "dominance", "direction_cosine": "cosine",
+                "sink_rate": "sink rate", "mask_attention_gain": "mask: attn", "mask_unit_gain": "mask: unit"}
+
+
+def print_link_bars():
+    """What each column of the emergence table is, and its bar with the bar's source."""
+    print("\nThe chain's links (measures.LINKS), each formed at its bar:")
+    for name, link in LINKS.items():
+        print(f"  {LINK_COLUMNS[name]:>10}  {link['label']}; bar {link['bar']:g} ({link['source']})"
+              + (f"; the paper's step: {link['step']}" if link["step"] else ""))
+
+
+def print_emergence_table(name, result):
+    """One model's chain at each snapshot; * marks a link from the snapshot where it first formed on."""
+    crossed = result["crossings"]
+    print(f"\n{name}: the chain at each snapshot (* formed)")
+    print_table([[s["step"], f"{s['tokens']:,}"] + ["-" if s[n] is None else f"{s[n]:.3g}" + (
+                  "*" if crossed[n] is not None and s["step"] >= crossed[n] else "") for n in LINKS]
+                 for s in result["snapshots"]], ["step", "tokens"] + [LINK_COLUMNS[n] for n in LINKS])
+
+
+def order_text(name, result):
+    """The step at which each link formed, and whether the paper's four steps came in the paper's order."""
+    crossed, order = result["crossings"], result["order"]
+    steps = {LINKS[n]["step"]: crossed[n] for n in LINKS if LINKS[n]["step"]}
+    formed = ", ".join(f"{LINK_COLUMNS[n]} at {crossed[n]}" for n in sorted(
+        (n for n in LINKS if crossed[n] is not None), key=lambda n: crossed[n])) or "none"
+    verdict = ("the paper's order" if order["paper_order"] else "not the paper's order" if not order["never_formed"]
+               else "incomplete")
+    return (f"{name}: formed (step): {formed}. The paper's {' -> '.join(PAPER_ORDER)}: here "
+            + (" -> ".join(f"{s} ({steps[s]})" for s in order["formed"]) or "none")
+            + (f", never {', '.join(order['never_formed'])}" if order["never_formed"] else "") + f" -> {verdict}")
+
+
+def plot_emergence(results, colors, title, path):
+    """fig_emergence: one panel per link, training tokens on a log axis (step 0 at 0), one line per model
+    (results: {label: [emergence's result, one per seed]}; colors: {label: color}), each link's bar dashed."""
+    fig, axes = plt.subplots(2, (len(LINKS) + 1) // 2, figsize=(4 * ((len(LINKS) + 1) // 2), 7.5))
+    first = min(s["tokens"] for by_seed in results.values() for r in by_seed for s in r["snapshots"] if s["tokens"] > 0)
+    for ax, (name, link) in zip(axes.flat, LINKS.items()):
+        for label, by_seed in results.items():
+            for j, result in enumerate(by_seed):
+                tokens = [s["tokens"] for s in result["snapshots"]]
+                values = [np.nan if s[name] is None else s[name] for s in result["snapshots"]]
+                ax.plot(tokens, values, "o-", markersize=3, color=colors[label], alpha=0.7,
+                        label=f"{label} ({len(by_seed)} seed{'s' * (len(by_seed) > 1)})" if j == 0 else None)
+        ax.axhline(link["bar"], color="gray", linestyle="--", linewidth=1, label="the link's bar (formed at or above)")
+        ax.set_xscale("symlog", linthresh=first)
+        ax.set_xlim(left=0)
+        if name in ("variance_ratio", "norm_ratio", "token0_unit_ratio", "massive_ratio", "dominance_ratio",
+                    "mask_attention_gain", "mask_unit_gain"):
+            ax.set_yscale("log")
+        ax.set_title(f"{link['label']}\nbar {link['bar']:g} ({link['source']})", fontsize=7)
+        ax.set_xlabel("training tokens (log; step 0 at 0)", fontsize=8)
+    for ax in list(axes.flat)[len(LINKS):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower right", fontsize=8)
+    fig.suptitle(title)
     save_figure(fig, path)
 
 

@@ -3,17 +3,31 @@ The paper's measures that several scripts share: small pure functions, tensor in
 tensor out, so that a test can feed them a hand-built pattern with a known answer.
 Shapes: an attention pattern is (B, H, T, T) (query t, key s); a head output (B, H, T, hd);
 a residual stream (B, T, C); an FFN's hidden activations (B, T, ffn).
+
+The last section, "The chain", measures every link of the paper's chain on one model at once
+(chain_links), to follow it along training (training's snapshots; 01 and 05 print it).
 """
 import math
+from functools import partial
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+from model import self_only_mask
 
 SINK_THRESHOLD = 0.3  # Gu et al. (ICLR 2025): a head whose mean attention to token 0 is above this is a sink head
 SINK_LAYER_SHARE = 0.5  # ours: a sink layer has Gu et al.'s sink rate at least this (half its heads and windows)
 SPIKE_NORM_RATIO = 2.0  # ours, not the paper's: token 0's L2 norm at least 2x the others' mean is the norm spike
 MIN_LATER_QUERIES = 8  # ours: a key must be seen by at least 8 later queries for its attention received to count
 SUPER_NEURON_Z = 3.0  # ours: a super neuron has a row-norm z-score at least this in both W_gate and W_up
+# The paper draws the later links without numbers; these bars are ours (README, "Results"):
+TOKEN0_UNIT_RATIO = 10.0  # ours: an FFN unit fires on token 0 at least 10x its mean |activation| on the others
+MASSIVE_RATIO = 10.0  # ours: token 0's max/median |x| (Sun et al.'s massive activation) at least 10x the others'
+DOMINANCE_RATIO = 10.0  # ours: token 0's dominance ratio after RMSNorm at least 10x the others'
+DIRECTION_COSINE = 0.9  # ours: token 0's direction across windows fixed, a mean pairwise cosine at least 0.9
+MASK_GAIN = 10.0  # ours: under the mask, k receives at least 10x its unmasked attention (the paper's Fig. 5 shows a peak)
+MASK_UNIT_GAIN = 5.0  # ours: under the mask, the token-0 unit fires at k at least 5x its unmasked |activation|
 
 
 def row_normalized(pattern):
@@ -87,6 +101,35 @@ def norm_spike_layer(norm_token0, norm_others, ratio=SPIKE_NORM_RATIO):
     return next((i for i, (a, b) in enumerate(zip(norm_token0, norm_others)) if a >= ratio * b), None)
 
 
+def token0_norms(resid):
+    """(N, T, C) residual stream -> (token 0's mean L2 norm, the mean over positions t >= 1)."""
+    norms = resid.norm(dim=-1)  # (N, T)
+    return float(norms[:, 0].mean()), float(norms[:, 1:].mean())
+
+
+def mean_pairwise_cosine(states):
+    """(N, ..., C) -> (...): mean cosine similarity over the N(N-1) ordered pairs of different rows along dim 0.
+    1 when all N vectors point the same way; about 0 for random directions."""
+    unit = F.normalize(states, dim=-1)  # (N, ..., C)
+    total = unit.sum(dim=0)  # (..., C); |sum|^2 = sum over all pairs, the N self-pairs included
+    n = states.shape[0]
+    return ((total * total).sum(-1) - n) / (n * (n - 1))
+
+
+def spike_or_largest_ratio(norms):
+    """[(token 0's norm, the others') per layer] -> (the first layer of the norm spike, or without one the layer
+    of the largest ratio; which of the two it is): where 03 reads token 0's direction and QK locking."""
+    spike = norm_spike_layer(*zip(*norms))
+    if spike is not None:
+        return spike, "the first norm spike"
+    return int(np.argmax([a / b for a, b in norms])), "no norm spike: the largest ratio"
+
+
+def direction_from_layer(cosine_by_layer, layer):
+    """Token 0's direction cosine across windows from `layer` on (spike_or_largest_ratio's): the smallest."""
+    return min(cosine_by_layer[layer:])
+
+
 def dominance_ratio(x):
     """max_i |x_i| / mean_i |x_i| over the last dimension."""
     return x.abs().amax(-1) / x.abs().mean(-1).clamp_min(1e-12)
@@ -100,6 +143,11 @@ def token0_dominance_by_window(x):
 def massive_activation_ratio(x):
     """max_i |x_i| / median_i |x_i| over the last dimension (Sun et al. 2024)."""
     return x.abs().amax(-1) / x.abs().median(-1).values.clamp_min(1e-12)
+
+
+def token0_massive_over_others(resid):
+    """(N, T, C) residual stream -> token 0's mean max/median |x| over the mean of the positions t >= 1."""
+    return float(massive_activation_ratio(resid[:, 0]).mean() / massive_activation_ratio(resid[:, 1:]).mean())
 
 
 def effective_rank(hidden):
@@ -177,6 +225,18 @@ def super_neuron_record(layer, unit, z_gate, z_up, hidden, z_threshold=SUPER_NEU
                 activation_argmax_unit=most_active, activation_argmax_agrees=most_active == unit)
 
 
+def variance_ratio_token0(variance):
+    """(T,) variance per position -> variance at position 0 over the mean at positions >= 1."""
+    return float(variance[0] / variance[1:].mean().clamp_min(1e-30))
+
+
+def variance_reading(bos):
+    """Which of variance_by_position's readings token 0's variance ratio uses. With BOS, token 0 is the same in
+    every window: its variance across windows is 0 by construction, so the ratio reads the variance within a
+    token; without BOS, the paper's reading, across windows."""
+    return "within_token" if bos else "across_sequences"
+
+
 def variance_by_position(head_out):
     """(B, H, T, hd) head outputs -> two (T,) readings of their variance at each position:
     per dimension across sequences (var over B, mean over H, hd), and
@@ -208,3 +268,146 @@ def interval_verdict(low, high, below="lower", above="higher"):
     if low is None:
         return "one seed: no interval"
     return below if high < 0 else above if low > 0 else "not distinguishable at this budget"
+
+
+# ----------------------------------------------------------------------------- the mask intervention's passes (04)
+
+def default_k(T):
+    """The position 04 turns into a sink by default: 10, or the middle of a shorter window."""
+    return 10 if T > 10 else T // 2
+
+
+def layer_summary(pattern, k):
+    """One layer's attention (N, H, T, T) reduced to what 04 prints of it: about key k and every key j, the
+    attention it receives; about token 0, Gu et al.'s sink rate and the first token's attention."""
+    return dict(received=attention_received(pattern),  # (T,)
+                received_seen=attention_received(pattern, MIN_LATER_QUERIES),  # (T,)
+                heads_over_threshold_on_k=int((head_attention_received(pattern, k) >= SINK_THRESHOLD).sum()),
+                entropy=float(attention_entropy_by_head(pattern, skip=(k,)).mean()),
+                first_token_attention=float(first_token_attention(pattern).mean()),
+                sink_rate=sink_rate([pattern])[0][0])  # Gu et al.'s sink rate of this layer alone
+
+
+def layer_mean(summaries, layers, key="received"):
+    """The mean over `layers` of one entry of their layer summaries, e.g. attention received (T,)."""
+    return torch.stack([summaries[i][key] for i in layers]).mean(0)
+
+
+def token0_unit_chain(hidden, k):
+    """The token-0 unit, found by its activations {layer: (N, T, ffn)} in the early layers, and its mean
+    |activation| on token 0 and at k."""
+    layer, unit, ratio = unit_most_selective_for_token0(hidden)
+    return dict(layer=layer, unit=unit, token0_ratio=ratio, at_token0=float(hidden[layer][:, 0, unit].abs().mean()),
+                at_k_unmasked=float(hidden[layer][:, k, unit].abs().mean()))
+
+
+def mask_passes(model, x, k, from_layer):
+    """The baseline pass and the masked one (token k attends only to itself in layers from_layer..last), each
+    layer's attention reduced by layer_summary as it passes -> dict(baseline, masked: a summary per layer,
+    token0_unit: the chain at k, the token-0 unit found in the baseline and its |activation| at k in both passes)."""
+    n_layer, T = model.config.n_layer, x.shape[1]
+    summaries = {f"blocks.{i}.attn.hook_pattern": partial(layer_summary, k=k) for i in range(n_layer)}
+    early = {i: f"blocks.{i}.mlp.hook_hidden" for i in early_layers(n_layer)}
+    _, baseline = model.run_with_cache(x, record=early.values(), reduce=summaries, last_layer=n_layer - 1)
+    chain = token0_unit_chain({i: baseline.pop(name) for i, name in early.items()}, k)  # released before the next pass
+    unit_at_k = {early[chain["layer"]]: lambda hidden: float(hidden[:, k, chain["unit"]].abs().mean())}
+    _, masked = model.run_with_cache(x, reduce={**summaries, **unit_at_k}, last_layer=n_layer - 1,
+                                     mask=self_only_mask(T, k, x.device), mask_layers=range(from_layer, n_layer))
+    chain["at_k_masked"] = masked.pop(early[chain["layer"]])
+    return dict(baseline=[baseline[name] for name in summaries], masked=[masked[name] for name in summaries],
+                token0_unit=chain)
+
+
+# ----------------------------------------------------------------------------- the chain, link by link
+
+# Each link of the paper's chain as one number, and when it counts as formed: the number at least the bar
+# (above it, where `strict`), the bar's source, and the paper's step it stands for (None: a link measured
+# beside the four steps). The scripts print the same bars, from the constants above.
+LINKS = {
+    "variance_ratio": dict(label="token 0's layer-0 output variance / others' (01)", bar=1.0, strict=True,
+                           source="paper §3: token 0 the high-variance outlier", step="variance"),
+    "norm_ratio": dict(label="token 0's residual norm / others', largest layer (01)", bar=SPIKE_NORM_RATIO,
+                       source="ours: the norm spike", step=None),
+    "token0_unit_ratio": dict(label="strongest token-0 FFN unit, |act| on 0 / others (02, 04)", bar=TOKEN0_UNIT_RATIO,
+                              source="ours", step="super neuron"),
+    "token0_unit_z": dict(label="that unit's row-norm z, smaller of W_gate's, W_up's (02)", bar=SUPER_NEURON_Z,
+                          source="ours", step=None),
+    "massive_ratio": dict(label="token 0's max/median |x| / others', largest layer (02)", bar=MASSIVE_RATIO,
+                          source="ours, on Sun et al.'s measure", step=None),
+    "dominance_ratio": dict(label="token 0's dominance ratio / others', largest layer (03)", bar=DOMINANCE_RATIO,
+                            source="ours", step="disparity"),
+    "direction_cosine": dict(label="token 0's direction cosine from the spike (or largest norm) on (03)",
+                             bar=DIRECTION_COSINE, source="ours", step=None),
+    "sink_rate": dict(label="Gu et al.'s sink rate, largest layer (01)", bar=SINK_LAYER_SHARE,
+                      source=f"Gu et al.'s alpha > {SINK_THRESHOLD} per head and window; a sink layer at "
+                             f"{SINK_LAYER_SHARE}, ours", step="sink"),
+    "mask_attention_gain": dict(label="attention to k, masked / unmasked (04)", bar=MASK_GAIN, source="ours",
+                                step=None),
+    "mask_unit_gain": dict(label="the token-0 unit at k, masked / unmasked (04)", bar=MASK_UNIT_GAIN, source="ours",
+                           step=None),
+}
+PAPER_ORDER = ("variance", "super neuron", "disparity", "sink")  # the paper's chain, cause before effect
+
+
+def link_formed(name, value):
+    """Whether a link's value (chain_links') passes its bar in LINKS; None (not measurable) never does."""
+    bar = LINKS[name]["bar"]
+    return value is not None and (value > bar if LINKS[name].get("strict") else value >= bar)
+
+
+def chain_links(model, x, bos, k=None):
+    """Every link of the paper's chain on one model, on held-out windows x (N, T): each measured as the script that
+    shows it measures it -> {link name in LINKS: number or None, and per-layer details}. Three passes: 04's two
+    (its patterns reduced as they go) and one that records the residual streams. k: the masked position (04's)."""
+    n_layer, T = model.config.n_layer, x.shape[1]
+    k = default_k(T) if k is None else k
+    passes = mask_passes(model, x, k, from_layer=0)
+    _, cache = model.run_with_cache(x, record=["blocks.0.attn.hook_head_out", "blocks.*.hook_resid_in",
+                                               "blocks.*.hook_attn_in", "hook_resid_final"])
+    resid = [cache[f"blocks.{i}.hook_resid_in"] for i in range(n_layer)]  # (N, T, C) each, entering block i
+    normed = [cache[f"blocks.{i}.hook_attn_in"] for i in range(n_layer)]  # (N, T, C) after each block's RMSNorm
+    # 01: the variance of layer 0's aggregation output by position; the norm of the stream entering each block
+    across, within = variance_by_position(cache["blocks.0.attn.hook_head_out"])  # (T,) each
+    variance = within if variance_reading(bos) == "within_token" else across
+    norms = [token0_norms(r) for r in resid]  # (token 0's, the others') each
+    spike, direction_layer = norm_spike_layer(*zip(*norms)), spike_or_largest_ratio(norms)[0]
+    # 02 and 04: the token-0 unit, by its activations, and its weights' row-norm z-scores
+    unit = passes["token0_unit"]
+    mlp = model.blocks[unit["layer"]].mlp
+    z_gate, z_up = row_norm_zscores(mlp.w_gate.weight, mlp.w_up.weight)
+    massive = [token0_massive_over_others(r) for r in resid[1:] + [cache["hook_resid_final"]]]  # after each block
+    # 03: dominance after RMSNorm, and token 0's direction across windows
+    dominance = [float(dominance_ratio(n[:, 0]).mean() / dominance_ratio(n[:, 1:]).mean()) for n in normed]
+    cosine = [float(mean_pairwise_cosine(n[:, 0])) for n in normed]
+    # 01 and 04: Gu et al.'s sink rate by layer; the mask's effect at k, over the layers after the first masked one
+    rate = [s["sink_rate"] for s in passes["baseline"]]
+    later = range(1, n_layer)
+    received = {name: float(layer_mean(passes[name], later)[k]) for name in ("baseline", "masked")}
+    return {"variance_ratio": variance_ratio_token0(variance),
+            "norm_ratio": max(a / b for a, b in norms), "norm_ratio_by_layer": [a / b for a, b in norms],
+            "spike_layer": spike,
+            "token0_unit_ratio": unit["token0_ratio"], "token0_unit": [unit["layer"], unit["unit"]],
+            "token0_unit_z": float(min(z_gate[unit["unit"]], z_up[unit["unit"]])),
+            "massive_ratio": max(massive), "massive_ratio_by_layer": massive,
+            "dominance_ratio": max(dominance), "dominance_ratio_by_layer": dominance,
+            "direction_cosine": direction_from_layer(cosine, direction_layer), "direction_cosine_by_layer": cosine,
+            "sink_rate": max(rate), "sink_rate_by_layer": rate, "sink_layer": first_sink_layer(rate),
+            "k": k, "attention_to_k_unmasked": received["baseline"], "attention_to_k_masked": received["masked"],
+            "mask_attention_gain": received["masked"] / max(received["baseline"], 1e-12),
+            "mask_unit_gain": unit["at_k_masked"] / max(unit["at_k_unmasked"], 1e-12)}
+
+
+def crossings(series):
+    """[{"step", **chain_links} per snapshot, in training order] -> {link: the first step at which it is formed,
+    or None if it never is}."""
+    return {name: next((s["step"] for s in series if link_formed(name, s[name])), None) for name in LINKS}
+
+
+def paper_order(crossed):
+    """crossings' steps -> (the paper's four steps that formed, in the order they formed, the steps that never
+    formed, whether the order is the paper's: every step formed, none before the one it follows)."""
+    step_of = {LINKS[name]["step"]: crossed[name] for name in LINKS if LINKS[name]["step"]}
+    formed = sorted((s for s in PAPER_ORDER if step_of[s] is not None), key=lambda s: (step_of[s], PAPER_ORDER.index(s)))
+    never = [s for s in PAPER_ORDER if step_of[s] is None]
+    in_order = not never and all(step_of[a] <= step_of[b] for a, b in zip(PAPER_ORDER, PAPER_ORDER[1:]))
+    return formed, never, in_order

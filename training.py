@@ -47,8 +47,8 @@ class TrainConfig:
 # is its position, the paper's point. cpu_bos keeps a fixed first token for 05's fixes to act on.
 PROFILES = {
     "tiny": dict(model=dict(block_size=32, n_layer=2, n_head=2, n_embd=32),
-                 train=dict(steps=60, batch_size=16, lr=3e-3, warmup_steps=5, eval_interval=20, eval_windows=16,
-                            bos=False, repeat_prob=1.0, random_prob=0.75)),
+                 train=dict(steps=60, batch_size=16, lr=3e-3, warmup_steps=5, schedule="constant", eval_interval=20,
+                            eval_windows=16, bos=False, repeat_prob=1.0, random_prob=0.75)),
     # The recipe search's choice (docs/recipe_search.md): 3 windows in 4 random bytes, a copied span in every window.
     "cpu": dict(model=dict(block_size=64, n_layer=3, n_head=4, n_embd=64),
                 train=dict(steps=12000, batch_size=32, lr=1e-2, warmup_steps=100, schedule="constant",
@@ -359,6 +359,23 @@ def checked_losses(losses, first_step):
     return values
 
 
+# ----------------------------------------------------------------------------- snapshots along training
+
+DEFAULT_SNAPSHOTS = 8  # models kept along each training (--snapshots): step 0 and log-spaced steps to the last
+
+
+def snapshot_steps(steps, n=DEFAULT_SNAPSHOTS):
+    """The steps at which training keeps its model: step 0 (the initialisation), then n - 1 steps spaced evenly
+    on a log axis from steps / 1000 (at least step 1) to the last, `steps`; fewer if two round to the same
+    step. n = 0: none. The model at step s has taken s optimizer steps."""
+    if n <= 0:
+        return []
+    if n == 1:
+        return [0]
+    logspaced = np.geomspace(max(1, steps // 1000), steps, n - 1) if n > 2 else [steps]
+    return sorted({0, *(int(round(s)) for s in logspaced)})
+
+
 # ----------------------------------------------------------------------------- training
 
 CHECK_EVERY = 50  # steps between reads of the loss (each read waits for the device)
@@ -392,19 +409,39 @@ def compiles(device, cfg, block_size, compile=None):
     return device.type == "cuda" or (device.type == "cpu" and cfg.steps * cfg.batch_size * block_size >= CPU_COMPILE_FROM_TOKENS)
 
 
-def train(model, data, cfg, desc="train", after_backward=None, micro_batch=None, compile=None):
-    """Train in place; returns the history {"step", "train_loss", "val_step", "val_loss"}.
+def training_step(model, cfg, block_size, compile=None):
+    """How train runs the model's step -> (compiled?, the model it steps: torch.compile's wrapper of the same
+    weights, or the model itself; the context to run it in: deterministic kernels for a compiled CPU step)."""
+    device = next(model.parameters()).device
+    compiled = compiles(device, cfg, block_size, compile)
+    kernels = deterministic_kernels() if compiled and device.type == "cpu" else contextlib.nullcontext()
+    return compiled, torch.compile(model) if compiled else model, kernels
+
+
+def planned_step(model, data, cfg, micro_batch=None, compile=None):
+    """plan_training on the step as train will run it, compiled where it will be: the speed said before a
+    compiled training is the compiled step's (its compiling is done here, and not timed)."""
+    _, step_model, kernels = training_step(model, cfg, data.block_size, compile)
+    with kernels:
+        return plan_training(step_model, data, cfg, micro_batch)
+
+
+def train(model, data, cfg, desc="train", after_backward=None, micro_batch=None, compile=None, snapshot=None,
+          snapshot_at=()):
+    """Train in place; returns the history {"step", "train_loss", "val_step", "val_loss", "seconds",
+    "snapshot_seconds"} (the last two: wall time of the loop, and the part of it spent in snapshot).
     First it finds and prints how this device runs a step (plan_training). Under torchrun, each
     process trains on its share of cfg.batch_size (the global batch) and DDP averages the gradients;
     rank 0 alone evaluates (elsewhere val_step and val_loss stay empty).
     after_backward(step, model): optional, called with the gradients in place (the tests look).
     compile: torch.compile the training step's forward and backward (default: see compiles; on CUDA a
     step of this small model is bound by elementwise memory traffic that compiling fuses). Evaluation
-    and every analysis run `model` itself, uncompiled."""
+    and every analysis run `model` itself, uncompiled.
+    snapshot(step, model, history): called on rank 0 at each step of snapshot_at, before that step's
+    update (so with the model that `step` updates made; snapshot_at may hold cfg.steps, the end)."""
     device, n_processes, main = next(model.parameters()).device, world_size(), is_main_process()
-    compiled = compiles(device, cfg, data.block_size, compile)
-    step_model = torch.compile(model) if compiled else model  # the same weights
-    with deterministic_kernels() if compiled and device.type == "cpu" else contextlib.nullcontext():
+    compiled, step_model, kernels = training_step(model, cfg, data.block_size, compile)
+    with kernels:
         plan, batch_size = plan_training(step_model, data, cfg, micro_batch), local_batch_size(cfg.batch_size, n_processes)
         if main:
             print(f"{desc}: {plan.describe(cfg, data.block_size)}" + (", compiled" if compiled else ""))
@@ -419,8 +456,17 @@ def train(model, data, cfg, desc="train", after_backward=None, micro_batch=None,
         val_x, val_y = data.windows("val", cfg.eval_windows, cfg.bos, torch.Generator().manual_seed(1234))
         history = {"step": [], "train_loss": [], "val_step": [], "val_loss": []}
         unread, start = [], time.time()  # losses not yet read from the device
+        history["snapshot_seconds"] = 0.0
+
+        def keep(step):  # the model after `step` updates, if it is a snapshot step
+            if step in snapshot_at and main:
+                began = time.time()
+                snapshot(step, model, history)
+                history["snapshot_seconds"] += time.time() - began
+
         bar = tqdm(range(cfg.steps), desc=desc, dynamic_ncols=True, mininterval=1.0, disable=not main)
         for step in bar:
+            keep(step)
             if step % cfg.eval_interval == 0 and main:
                 history["val_step"].append(step)
                 history["val_loss"].append(evaluate(model, val_x, val_y))
@@ -447,16 +493,21 @@ def train(model, data, cfg, desc="train", after_backward=None, micro_batch=None,
     if main:
         history["val_step"].append(cfg.steps)
         history["val_loss"].append(evaluate(model, val_x, val_y))
+    keep(cfg.steps)
+    history["seconds"] = time.time() - start
     return history
 
 
-def save_checkpoint(path, model, train_cfg, history, data_fingerprint, environment=None):
+def save_checkpoint(path, model, train_cfg, history, data_fingerprint, environment=None, step=None):
     """Write atomically: a temp file of this writer's own, then a rename, so an interrupted run
-    never leaves half a file and two runs training the same model both end with a whole one."""
+    never leaves half a file and two runs training the same model both end with a whole one.
+    step: a snapshot's (the file then also says the tokens seen); None: the trained model."""
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
     payload = {"model_config": asdict(model.config), "train_config": asdict(train_cfg), "data": data_fingerprint,
                "environment": environment, "history": history, "state_dict": model.state_dict()}
+    if step is not None:
+        payload |= {"step": step, "tokens": step * train_cfg.batch_size * model.config.block_size}
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as f:
@@ -467,8 +518,9 @@ def save_checkpoint(path, model, train_cfg, history, data_fingerprint, environme
             os.remove(temporary)
 
 
-def load_checkpoint(path, device="cpu", expect=None):
-    """Rebuild a model from its file alone; `expect` (dict) must agree with what the file holds."""
+def read_checkpoint(path, device="cpu", expect=None):
+    """Rebuild a model from its file alone -> (model, the file's payload less its weights); `expect` (dict)
+    must agree with what the file holds."""
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
         model_config = GPTConfig(**payload["model_config"])
@@ -478,8 +530,25 @@ def load_checkpoint(path, device="cpu", expect=None):
         if payload.get(key) != value:
             raise InputError(f"checkpoint {path} does not match the requested model ({key} differs); delete it to retrain")
     model = GPT(model_config).to(device)
-    model.load_state_dict(payload["state_dict"])
+    model.load_state_dict(payload.pop("state_dict"))
+    return model, payload
+
+
+def load_checkpoint(path, device="cpu", expect=None):
+    """read_checkpoint -> (model, its training history)."""
+    model, payload = read_checkpoint(path, device, expect)
     return model, payload["history"]
+
+
+def snapshot_path(path, step):
+    """Where the cache keeps the snapshot at `step` of the model whose checkpoint is `path`: its key, plus the step."""
+    return path.removesuffix(".pt") + f"-step{step}.pt"
+
+
+def load_snapshot(path, step, device="cpu", expect=None):
+    """The snapshot at `step` of the model cached at `path` -> {"step", "tokens", "model"}."""
+    model, payload = read_checkpoint(snapshot_path(path, step), device, {**(expect or {}), "step": step})
+    return {"step": step, "tokens": payload["tokens"], "model": model}
 
 
 def training_environment(device, compiled=False):
@@ -510,20 +579,49 @@ def checkpoint_path(profile, arm, seed, data, device, out_dir, steps=None, compi
     return os.path.join(out_dir, "checkpoints", f"{profile}-{model_cfg.attn}-seed{seed}-{key}.pt"), expect
 
 
+def profile_data(profile):
+    """The profile's own text, in windows of its context."""
+    model_cfg, train_cfg = profile_configs(profile)
+    return ByteData(load_corpus(corpus=train_cfg.corpus), model_cfg.block_size, train_cfg.corpus)
+
+
+def trained_snapshots(profile, arm="softmax", seed=0, data=None, device="cpu", out_dir="out", steps=None, compile=None,
+                      snapshots=DEFAULT_SNAPSHOTS):
+    """The snapshots that trained_model kept of this model, in training order, and its training history
+    -> ([load_snapshot's dict], history)."""
+    data = data if data is not None else profile_data(profile)
+    path, expect = checkpoint_path(profile, arm, seed, data, device, out_dir, steps, compile)
+    return ([load_snapshot(path, step, device, expect)
+             for step in snapshot_steps(profile_configs(profile, arm, seed, steps)[1].steps, snapshots)],
+            load_checkpoint(path, device, expect)[1])
+
+
+def in_cache(path, steps, snapshots=0):
+    """The model at `path` is in the cache, and so are its snapshots (snapshot_steps(steps, snapshots))."""
+    return all(os.path.exists(p) for p in [path] + [snapshot_path(path, s) for s in snapshot_steps(steps, snapshots)])
+
+
 def trained_model(profile, arm="softmax", seed=0, data=None, device="cpu", out_dir="out", steps=None, micro_batch=None,
-                  compile=None):
+                  compile=None, snapshots=0):
     """The model of this profile, arm (ARMS) and seed: from the cache in out_dir/checkpoints, or trained now
     (micro_batch: see plan_training, it changes the result only within float tolerance and is not keyed;
-    compile: see train, it is keyed)."""
+    compile: see train, it is keyed). snapshots: keep that many models along the training
+    (snapshot_steps), each in the cache beside the final one (snapshot_path); a cached model whose
+    snapshots are missing trains again, to the same weights. load_snapshot reads them."""
     model_cfg, train_cfg = profile_configs(profile, arm, seed, steps)
-    data = data if data is not None else ByteData(load_corpus(corpus=train_cfg.corpus), model_cfg.block_size, train_cfg.corpus)
+    data = data if data is not None else profile_data(profile)
     compile = compiles(device, train_cfg, model_cfg.block_size, compile)
     path, expect = checkpoint_path(profile, arm, seed, data, device, out_dir, steps, compile)
-    if os.path.exists(path):
+    if in_cache(path, train_cfg.steps, snapshots):
         return load_checkpoint(path, device, expect)
     torch.manual_seed(seed)
     model = GPT(model_cfg).to(device)
-    history = train(model, data, train_cfg, desc=f"{profile}/{arm}/seed {seed}", micro_batch=micro_batch, compile=compile)
+
+    def snapshot(step, model, history):
+        save_checkpoint(snapshot_path(path, step), model, train_cfg, history, data.fingerprint, expect["environment"], step)
+
+    history = train(model, data, train_cfg, desc=f"{profile}/{arm}/seed {seed}", micro_batch=micro_batch, compile=compile,
+                    snapshot=snapshot, snapshot_at=snapshot_steps(train_cfg.steps, snapshots))
     failure = None
     if is_main_process():
         try:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import load_script
-from measures import first_sink_layer
+from measures import first_sink_layer, variance_ratio_token0
 from model import GPT
 
 variance = load_script("01_variance.py")
@@ -89,7 +89,7 @@ def test_random_init_like_is_gpt_of_the_same_seed_in_the_models_dtype(tiny_confi
 
 
 def test_variance_ratio_and_dimension_spread():
-    assert variance.variance_ratio_token0(torch.tensor([4.0, 1.0, 3.0])) == pytest.approx(2.0)
+    assert variance_ratio_token0(torch.tensor([4.0, 1.0, 3.0])) == pytest.approx(2.0)
     head_out = torch.zeros(3, 2, 5, 4)  # (N, H, T, hd)
     head_out[:, 1, 0] = torch.tensor([1.0, -1.0, 1.0, -1.0])  # head 1, token 0: mean 0, squared deviation 1
     spread = variance.token0_dimension_spread(head_out)

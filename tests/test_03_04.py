@@ -10,7 +10,7 @@ from torch.testing import assert_close
 
 from conftest import load_script
 from data import ByteData, load_corpus
-from measures import attention_received, dominance_ratio
+from measures import attention_received, dominance_ratio, mean_pairwise_cosine
 from model import GPT, InputError
 from training import profile_configs, trained_model
 
@@ -100,11 +100,11 @@ def test_qk_locking_of_a_head_aligned_with_the_sink_key_and_of_one_orthogonal_to
 def test_mean_pairwise_cosine():
     direction = torch.randn(8)
     same = (0.1 + torch.rand(5, 1)) * direction  # (5, 8): one direction, different lengths
-    assert float(dimension_disparity.mean_pairwise_cosine(same)) == pytest.approx(1, abs=1e-5)
+    assert float(mean_pairwise_cosine(same)) == pytest.approx(1, abs=1e-5)
     opposite = torch.stack([direction, -direction])
-    assert float(dimension_disparity.mean_pairwise_cosine(opposite)) == pytest.approx(-1, abs=1e-5)
+    assert float(mean_pairwise_cosine(opposite)) == pytest.approx(-1, abs=1e-5)
     by_position = torch.randn(4, 3, 8)  # (N, T, C): one cosine per position
-    assert dimension_disparity.mean_pairwise_cosine(by_position).shape == (3,)
+    assert mean_pairwise_cosine(by_position).shape == (3,)
 
 
 # ----------------------------------------------------------------------------- interventions

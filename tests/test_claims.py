@@ -18,7 +18,8 @@ import torch
 from cli import pick_device
 from conftest import CLAIMS_SEED, ROOT, claim_not_held, load_script
 from data import ByteData, load_corpus
-from measures import SINK_LAYER_SHARE, SINK_THRESHOLD, first_sink_layer, massive_activation_ratio
+from measures import (DIRECTION_COSINE, DOMINANCE_RATIO, MASK_UNIT_GAIN, MASSIVE_RATIO, SINK_LAYER_SHARE, SINK_THRESHOLD,
+                      TOKEN0_UNIT_RATIO, direction_from_layer, first_sink_layer, token0_massive_over_others)
 from training import profile_configs, trained_model
 
 OUT = os.path.join(ROOT, "out")
@@ -56,8 +57,7 @@ def massive_ratio_by_layer(seed):
     x, _ = data.windows("val", 64, train_cfg.bos, torch.Generator().manual_seed(seed))  # the scripts' windows
     names = [f"blocks.{i}.hook_resid_in" for i in range(1, model_cfg.n_layer)] + ["hook_resid_final"]
     _, cache = model.eval().run_with_cache(x.to(pick_device()), record=names)  # {name: (N, T, C)}
-    return [float(massive_activation_ratio(cache[n][:, 0]).mean() / massive_activation_ratio(cache[n][:, 1:]).mean())
-            for n in names]
+    return [token0_massive_over_others(cache[n]) for n in names]
 
 
 def fixes(variant, n_seeds):
@@ -91,39 +91,38 @@ def the_sink_follows_the_norm_spike(seed):
 
 def a_super_neuron_fires_10x_on_token_0(seed):
     best = max(scripts(seed)["02_super_neurons"]["super_neurons"], key=lambda s: s["token0_activation_ratio"])
-    return (best["token0_activation_ratio"] >= 10,
+    return (best["token0_activation_ratio"] >= TOKEN0_UNIT_RATIO,
             f"the strongest of 02's super neurons (layer {best['layer']} unit {best['unit']}) fires "
             f"{best['token0_activation_ratio']:.1f}x")
 
 
 def a_massive_activation_on_token_0(seed):
     ratios = massive_ratio_by_layer(seed)
-    return max(ratios) >= 10, f"token 0's max/median over the others' after each layer: {[round(r, 1) for r in ratios]}"
+    return max(ratios) >= MASSIVE_RATIO, f"token 0's max/median over the others' after each layer: {[round(r, 1) for r in ratios]}"
 
 
 def dominance_10x_the_others(seed):
     m = scripts(seed)["03_dimension_disparity"]
     ratios = [a / b for a, b in zip(m["dominance_ratio_token0_by_layer"], m["dominance_ratio_others_by_layer"])]
-    return max(ratios) >= 10, f"token 0's dominance ratio over the others' by layer: {[round(r, 2) for r in ratios]}"
+    return max(ratios) >= DOMINANCE_RATIO, f"token 0's dominance ratio over the others' by layer: {[round(r, 2) for r in ratios]}"
 
 
 def a_fixed_direction_after_the_spike(seed):
     m = scripts(seed)["03_dimension_disparity"]
-    if m["spike_layer"] is None:
-        return False, "no norm spike"
-    after = m["token0_direction_cosine_by_layer"][m["spike_layer"]:]
-    return min(after) >= 0.9, f"token 0's direction cosine from the spike (layer {m['spike_layer']}) on: {after}"
+    lowest = direction_from_layer(m["token0_direction_cosine_by_layer"], m["spike_layer"])  # 03's: or the largest ratio
+    return lowest >= DIRECTION_COSINE, (f"token 0's direction cosine from the spike (layer {m['spike_layer']}) on: "
+                                        f"{m['token0_direction_cosine_by_layer'][m['spike_layer']:]}")
 
 
 def a_unit_fires_10x_on_token_0(seed):
     u = scripts(seed)["04_interventions"]["token0_unit"]
-    return u["token0_ratio"] >= 10, f"the token-0 unit (layer {u['layer']} unit {u['unit']}) fires {u['token0_ratio']:.1f}x"
+    return u["token0_ratio"] >= TOKEN0_UNIT_RATIO, f"the token-0 unit (layer {u['layer']} unit {u['unit']}) fires {u['token0_ratio']:.1f}x"
 
 
 def the_mask_makes_it_fire_at_k_5x(seed):
     u = scripts(seed)["04_interventions"]["token0_unit"]
     gain = u["at_k_masked"] / max(u["at_k_unmasked"], 1e-12)
-    return gain >= 5, f"the token-0 unit at k: {u['at_k_unmasked']:.3g} unmasked, {u['at_k_masked']:.3g} masked ({gain:.1f}x)"
+    return gain >= MASK_UNIT_GAIN, f"the token-0 unit at k: {u['at_k_unmasked']:.3g} unmasked, {u['at_k_masked']:.3g} masked ({gain:.1f}x)"
 
 
 def the_mask_moves_the_sink_to_k(seed):

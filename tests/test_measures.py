@@ -6,7 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from measures import (attention_entropy_by_head, attention_received, dominance_ratio, effective_rank, first_sink_layer,
+from data import BOS
+from model import GPT, GPTConfig
+
+from measures import (LINKS, attention_entropy_by_head, chain_links, crossings, paper_order, attention_received, dominance_ratio, effective_rank, first_sink_layer,
                       head_attention_received, head_output_variance, interval_verdict, norm_spike_layer, paired_interval,
                       rank_correlation, row_norm_zscores, sink_rate, sink_scores, super_neuron_record,
                       token0_activation_ratio, unit_most_active_on_token0, unit_most_selective_for_token0,
@@ -182,3 +185,72 @@ def test_the_masked_query_does_not_count_in_what_k_receives():
     rows = pattern[0, 0, without_k]
     expected = float(-(rows * rows.clamp_min(1e-30).log()).sum(-1).mean())
     assert float(attention_entropy_by_head(pattern, skip=(k,)).mean()) == pytest.approx(expected, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- the chain, link by link
+
+def planted_chain_model(unit=5, gate_on_token0=1.0, gate_on_others=0.25, scale=3.0):
+    """A 2-layer model built by hand, its windows starting with BOS. Every other token embeds as e_0 and BOS as e_1
+    (after RMSNorm: 4 e_0 and 4 e_1, C = 16). Layer 0 writes nothing back (W_O = W_down = 0), so both layers read
+    the embeddings. Layer 0's FFN unit `unit` reads e_1 and e_0 in W_gate (gate_on_token0, gate_on_others) and both
+    in W_up: it fires silu(4 g) * 4 on each. Layer 1's heads put their weight on key 0: W_Q reads e_0 and W_K reads
+    e_1 in the slowest RoPE pair (its angle at t < 16 is under 0.02 rad), so q_t . k_0 = 16 scale^2 for t >= 1 and
+    every other key scores 0."""
+    config = GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=16)
+    model = GPT(config).eval()
+    C, hd = config.n_embd, config.n_embd // config.n_head
+    with torch.no_grad():
+        model.tok_emb.weight.zero_()
+        model.tok_emb.weight[:, 0] = 1.0
+        model.tok_emb.weight[BOS] = F.one_hot(torch.tensor(1), C).float()
+        layer0, layer1 = model.blocks
+        layer0.attn.wo.weight.zero_()
+        layer0.mlp.w_down.weight.zero_()
+        for w in (layer0.mlp.w_gate.weight, layer0.mlp.w_up.weight, layer1.mlp.w_gate.weight, layer1.mlp.w_up.weight):
+            w.zero_()
+        layer0.mlp.w_gate.weight[unit, :2] = torch.tensor([gate_on_others, gate_on_token0])
+        layer0.mlp.w_up.weight[unit, :2] = 1.0
+        qk = layer1.attn.qkv.weight
+        qk[:2 * C].zero_()
+        for h in range(config.n_head):
+            slow = h * hd + hd // 2 - 1  # the first of the slowest rotating pair (i, i + hd/2)
+            qk[slow, 0] = scale  # W_Q: reads e_0
+            qk[C + slow, 1] = scale  # W_K: reads e_1, token 0's direction
+    return model
+
+
+def bos_windows(n=8, T=16):
+    x = torch.randint(256, (n, T), generator=torch.Generator().manual_seed(3))
+    x[:, 0] = BOS
+    return x
+
+
+def test_the_chain_finds_a_sink_layer_where_every_head_attends_to_key_0():
+    links = chain_links(planted_chain_model(), bos_windows(), bos=True)
+    assert links["sink_rate_by_layer"][1] == 1.0 and links["sink_layer"] == 1 and links["sink_rate"] == 1.0
+
+
+def test_the_chain_finds_the_planted_token0_unit_with_its_ratio():
+    links = chain_links(planted_chain_model(unit=5, gate_on_token0=1.0, gate_on_others=0.25), bos_windows(), bos=True)
+    expected = float(F.silu(torch.tensor(4 * 1.0)) / F.silu(torch.tensor(4 * 0.25)))  # the up factor 4 cancels
+    assert links["token0_unit"] == [0, 5]
+    assert links["token0_unit_ratio"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_crossings_and_the_paper_order():
+    quiet = {name: None if name == "direction_cosine" else 0.0 for name in LINKS}
+    series = [{"step": 0, **quiet, "variance_ratio": 5.0},
+              {"step": 10, **quiet, "variance_ratio": 5.0, "token0_unit_ratio": 12.0},
+              {"step": 100, **quiet, "variance_ratio": 5.0, "token0_unit_ratio": 30.0, "dominance_ratio": 10.0,
+               "sink_rate": 0.5}]
+    crossed = crossings(series)
+    assert (crossed["variance_ratio"], crossed["token0_unit_ratio"], crossed["dominance_ratio"], crossed["sink_rate"]) \
+        == (0, 10, 100, 100)
+    assert crossed["direction_cosine"] is None and crossed["massive_ratio"] is None
+    assert paper_order(crossed) == (["variance", "super neuron", "disparity", "sink"], [], True)
+    series[1]["sink_rate"] = 0.6  # the sink before the disparity
+    assert paper_order(crossings(series))[2] is False
+    series[2]["dominance_ratio"] = 9.99  # just under its bar: never formed, the chain incomplete
+    assert paper_order(crossings(series)) == (["variance", "super neuron", "sink"], ["disparity"], False)
+    series[0]["variance_ratio"] = 1.0  # the variance bar is strict: ratio > 1
+    assert crossings(series)["variance_ratio"] == 10

@@ -19,7 +19,7 @@ KEYS = {
                     "var_ratio_token0", "first_token_attention_by_layer", "first_token_norm_by_layer",
                     "other_token_norm_by_layer", "wo_kendall_tau_by_layer", "wo_kendall_tau_across_windows_by_layer",
                     "post_wo_var_ratio_by_layer", "head_entropy_variance_spearman_by_layer", "sink_rate_by_layer",
-                    "sink_rate", "sink_layer"],
+                    "sink_rate", "sink_layer", "emergence"],
     "02_super_neurons": ["run", "super_neurons", "top_super_neuron", "wdown_column_kurtosis", "massive_dims",
                          "massive_dims_match"],
     "03_dimension_disparity": ["run", "dominance_ratio_token0_by_layer", "dominance_ratio_others_by_layer",
@@ -33,18 +33,19 @@ KEYS = {
                          "first_token_attention_by_layer", "sink_rate_by_layer"],
     "05_pretrain_headwise": ["run", "val_loss_curves", "val_loss_final", "steps_to_baseline_loss",
                              "first_token_attention_by_layer", "dominance_ratio_token0_by_layer",
-                             "effective_rank_by_layer", "var_by_position", "head_entropy", "head_output_variance"],
+                             "effective_rank_by_layer", "var_by_position", "head_entropy", "head_output_variance",
+                             "emergence"],
 }
 # The figures each script writes, every one of them.
 FIGURES = {
     "01_variance": {"fig1_variance_by_position.png", "fig3_attention_and_norm.png", "fig7_wo_keeps_variance.png",
-                    "fig13_head_entropy_variance.png"},
+                    "fig13_head_entropy_variance.png", "fig_emergence.png"},
     "02_super_neurons": {"fig8_row_norms.png", "fig9_selective_activation.png", "fig10_wdown_column.png"},
     "03_dimension_disparity": {"fig11_dominance_ratio.png", "fig12_qk_locking.png", "fig15_effective_rank.png"},
     "04_interventions": {"fig5_mask_intervention.png", "fig6_variance_amplification.png", "fig6_authors_reading.png"},
     "05_pretrain_headwise": {"fig16_val_loss.png", "fig02_first_token_attention.png", "fig14_dominance_ratio.png",
                              "fig15_effective_rank.png", "fig23_variance_by_position.png",
-                             "fig13_head_entropy_variance.png", "fig02_sink_rate.png"},
+                             "fig13_head_entropy_variance.png", "fig02_sink_rate.png", "fig_emergence.png"},
 }
 # What "run" records about a trained model (cli.Run.record).
 RUN_KEYS = {"argv", "script", "seed", "subject", "profile", "device", "precision", "torch", "commit"}

@@ -303,3 +303,60 @@ def test_a_compiled_cpu_training_repeats_to_the_bit(tiny_config, data):
     assert runs[0][0]["train_loss"] == runs[1][0]["train_loss"]
     assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+# ----------------------------------------------------------------------------- snapshots along training
+
+def test_snapshot_steps_are_step_0_and_log_spaced_to_the_last():
+    assert training.snapshot_steps(60) == [0, 1, 2, 4, 8, 15, 30, 60]
+    assert training.snapshot_steps(12000) == [0, 12, 38, 120, 379, 1200, 3795, 12000]
+    assert training.snapshot_steps(100, 0) == [] and training.snapshot_steps(100, 2) == [0, 100]
+
+
+def test_a_snapshot_is_the_model_a_run_of_that_many_steps_trains(tmp_path):
+    """The tiny profile with its 8 snapshots; then separate tiny runs of 15 and 30 steps, same seed: the same weights,
+    to the bit (same seed, same data order, a schedule that does not depend on the run's length)."""
+    _, history = training.trained_model("tiny", out_dir=str(tmp_path), snapshots=8)
+    snapshots, _ = training.trained_snapshots("tiny", out_dir=str(tmp_path), snapshots=8)
+    assert [s["step"] for s in snapshots] == [0, 1, 2, 4, 8, 15, 30, 60]
+    cfg = profile_configs("tiny")[1]
+    assert [s["tokens"] for s in snapshots] == [s["step"] * cfg.batch_size * 32 for s in snapshots]
+    for step in (15, 30):
+        shorter, _ = training.trained_model("tiny", out_dir=str(tmp_path / f"run{step}"), steps=step)
+        snapshot = next(s["model"] for s in snapshots if s["step"] == step)
+        assert all(torch.equal(a, b) for a, b in zip(snapshot.state_dict().values(), shorter.state_dict().values()))
+    final, _ = training.trained_model("tiny", out_dir=str(tmp_path), snapshots=8)  # from the cache
+    assert all(torch.equal(a, b) for a, b in zip(snapshots[-1]["model"].state_dict().values(),
+                                                  final.state_dict().values()))
+    assert history["snapshot_seconds"] < history["seconds"]
+
+
+def test_snapshots_are_found_again_without_training_and_a_missing_one_trains_again(tmp_path, monkeypatch):
+    training.trained_model("tiny", out_dir=str(tmp_path), snapshots=4)
+    path, _ = checkpoint_path("tiny", "softmax", 0, training.profile_data("tiny"), "cpu", str(tmp_path))
+    calls = []
+    real_train = training.train
+    monkeypatch.setattr(training, "train", lambda *a, **k: calls.append(1) or real_train(*a, **k))
+    training.trained_model("tiny", out_dir=str(tmp_path), snapshots=4)
+    assert calls == []  # all in the cache
+    os.remove(training.snapshot_path(path, 8))
+    training.trained_model("tiny", out_dir=str(tmp_path), snapshots=4)
+    assert calls == [1] and os.path.exists(training.snapshot_path(path, 8))
+
+
+def test_a_training_stopped_while_writing_a_snapshot_leaves_only_whole_files(tmp_path, monkeypatch):
+    real_save = torch.save
+
+    def save(payload, f):
+        if payload.get("step") == 8:
+            f.write(b"half a file")
+            raise KeyboardInterrupt
+        real_save(payload, f)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(KeyboardInterrupt):
+        training.trained_model("tiny", out_dir=str(tmp_path), snapshots=8)
+    files = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert [f.rsplit("-", 1)[1] for f in files] == ["step0.pt", "step1.pt", "step2.pt", "step4.pt"]  # no step8, no .tmp
+    for f in files:
+        training.read_checkpoint(str(tmp_path / "checkpoints" / f))  # each one whole
