@@ -60,6 +60,16 @@ def first_sink_layer(rate_by_layer, from_layer=0, share=SINK_LAYER_SHARE):
     return next((i for i, rate in enumerate(rate_by_layer) if i >= from_layer and rate >= share), None)
 
 
+def has_sink(rate_by_layer):
+    """The project's rule for a model with a sink (01's): a sink layer, Gu et al.'s rate at least SINK_LAYER_SHARE."""
+    return first_sink_layer(rate_by_layer) is not None
+
+
+def removes_sink(baseline_rate_by_layer, fix_rate):
+    """A fix removes the sink: the baseline has one (has_sink) and the fix not one sink head in any window."""
+    return has_sink(baseline_rate_by_layer) and fix_rate == 0
+
+
 def attention_received(pattern, min_later=1):
     """(B, H, T, T) -> (T,): the mean weight each key j receives from the later queries t > j, over
     heads and windows. Not t >= j: under the mask, query k's weight on itself is not attention k

@@ -9,7 +9,7 @@ from torch.testing import assert_close
 from data import BOS
 from model import GPT, GPTConfig
 
-from measures import (LINKS, attention_entropy_by_head, chain_links, crossings, paper_order, attention_received, dominance_ratio, effective_rank, first_sink_layer,
+from measures import (LINKS, attention_entropy_by_head, chain_links, crossings, has_sink, paper_order, removes_sink, attention_received, dominance_ratio, effective_rank, first_sink_layer,
                       head_attention_received, head_output_variance, interval_verdict, norm_spike_layer, paired_interval,
                       rank_correlation, row_norm_zscores, sink_rate, sink_scores, super_neuron_record,
                       token0_activation_ratio, unit_most_active_on_token0, unit_most_selective_for_token0,
@@ -254,3 +254,9 @@ def test_crossings_and_the_paper_order():
     assert paper_order(crossings(series)) == (["variance", "super neuron", "sink"], ["disparity"], False)
     series[0]["variance_ratio"] = 1.0  # the variance bar is strict: ratio > 1
     assert crossings(series)["variance_ratio"] == 10
+
+
+def test_a_sink_is_a_sink_layer_and_removing_it_leaves_no_sink_head():
+    assert not has_sink([0.0013, 0.0, 0.49]) and has_sink([0.1, 0.5])  # one head-window in 768 is not a sink
+    assert removes_sink([0.7, 0.1], 0.0) and not removes_sink([0.7, 0.1], 0.001)
+    assert not removes_sink([0.0013, 0.0], 0.0)  # no sink to remove
