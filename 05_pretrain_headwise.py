@@ -12,7 +12,14 @@ and its validation loss falls faster, over several seeds (Fig. 16). Sigmoid atte
 sum-to-one constraint) and gated attention (o_{t,h} * sigmoid(W_g x_t), Fig. 23) are the
 comparisons.
 
-What this script does. It trains the four variants of model.py with the profile's recipe
+The fixes the field ships (--variants sink_logit,softmax1,kv_bias): an extra slot in each head's
+softmax that is no token, where a head can put weight "nowhere": a learnable logit per head
+(gpt-oss), that logit fixed at 0 (softmax off by one, E. Miller 2023), a learnable key and value
+per head (Sun et al. 2024). The paper's chain predicts that the slot takes over the sink's job, so
+the sink on token 0 goes; whether token 0's variance discrepancy, super neurons and dimension
+disparity go with it tells which link drives which.
+
+What this script does. It trains the paper's four variants of model.py with the profile's recipe
 (on the CPU by default `cpu_bos`: the series' own cpu recipe grows no full sink without a BOS
 token, so 05 takes the recipe with a BOS token whose layer-0 sink a fix can remove; README),
 the same token budget and the same data order, for each of --seeds seeds (seed --seed,
@@ -94,19 +101,22 @@ import matplotlib.pyplot as plt  # after cli, which chooses matplotlib's file-on
 from measures import (SINK_LAYER_SHARE, SINK_THRESHOLD, attention_entropy_by_head, has_sink, removes_sink, first_token_attention, head_output_variance,
                       interval_verdict, mean_effective_rank, paired_interval, rank_correlation, sink_rate,
                       token0_dominance_by_window, variance_by_position)
-from model import ATTENTION_VARIANTS, GPT, InputError
+from model import ATTENTION_VARIANTS, GPT, SLOT_VARIANTS, InputError
 from training import (ARMS, checkpoint_path, close_distributed, duration_text, init_distributed, planned_step,
                       in_cache, profile_configs, trained_model)
 
+PAPER_VARIANTS = tuple(v for v in ATTENTION_VARIANTS if v not in SLOT_VARIANTS)  # 05's default: the paper's four
 DEFAULT_PROFILE = "cpu_bos"  # on the CPU: the recipe with a BOS sink for the fixes to remove (README, 05)
 AGGREGATION_LAYER = 0  # the layer whose aggregation output Fig. 23 shows
 LABELS = {"softmax": "baseline (softmax)", "sigmoid": "sigmoid", "headwise": "head-wise RMSNorm", "gated": "gated",
-          "headwise_nodecay": "head-wise, gain not decayed", "headwise_ones": "head-wise, gain of ones"}
+          "headwise_nodecay": "head-wise, gain not decayed", "headwise_ones": "head-wise, gain of ones",
+          "sink_logit": "sink logit (gpt-oss)", "softmax1": "softmax off by one", "kv_bias": "key/value bias (Sun et al.)"}
 # Head-wise RMSNorm's two choices, each as a paired difference of arms (ARMS in training.py): the first minus the second.
 HEAD_NORM_ABLATIONS = {"calibrated gain minus gain of ones": ("headwise_nodecay", "headwise_ones"),
                        "gain decayed minus not decayed": ("headwise", "headwise_nodecay")}
 COLORS = {"softmax": "tab:red", "sigmoid": "tab:green", "headwise": "tab:blue", "gated": "tab:purple",
-          "headwise_nodecay": "tab:cyan", "headwise_ones": "tab:olive"}
+          "headwise_nodecay": "tab:cyan", "headwise_ones": "tab:olive", "sink_logit": "tab:orange",
+          "softmax1": "tab:brown", "kv_bias": "tab:pink"}
 SINK_RATE_NAME = f"Gu et al.'s sink rate (a head with alpha > {SINK_THRESHOLD} in a window, per window)"
 
 
@@ -121,7 +131,8 @@ def analyse(model, x):
     """One forward pass over the windows x (N, T) -> this model's measures, as lists of floats."""
     n_layer = model.config.n_layer
     _, cache = model.run_with_cache(x, record=["blocks.*.attn.hook_pattern", "blocks.*.attn.hook_head_out*",
-                                               "blocks.*.hook_resid_in", "blocks.*.hook_attn_in", "hook_resid_final"])
+                                               "blocks.*.hook_resid_in", "blocks.*.hook_attn_in", "hook_resid_final",
+                                               "blocks.*.attn.hook_slot"])  # the slot: SLOT_VARIANTS only
     resid = [cache[f"blocks.{i}.hook_resid_in"] for i in range(n_layer)] + [cache["hook_resid_final"]]  # (N, T, C) each
     normalised = [cache[f"blocks.{i}.hook_attn_in"] for i in range(n_layer)]  # after each block's RMSNorm, gain included
     patterns = [cache[f"blocks.{i}.attn.hook_pattern"] for i in range(n_layer)]  # (N, H, T, T) each
@@ -138,6 +149,10 @@ def analyse(model, x):
         "var_by_position_after_norm": variance_by_position(to_output_projection)[1].tolist(),
         "head_entropy": [attention_entropy_by_head(p).tolist() for p in patterns],
         "head_output_variance": [head_output_variance(h).tolist() for h in head_outs],
+        # the slot's share of each query's weight (B, H, T) per layer, where there is a slot; the patterns and the
+        # sink rate above are over the real keys, Gu et al.'s formula (each row over its sum)
+        "slot_share": [float(cache[f"blocks.{i}.attn.hook_slot"].mean()) for i in range(n_layer)]
+                      if model.config.attn in SLOT_VARIANTS else None,
     }
 
 
@@ -256,6 +271,8 @@ def measures_by_variant(analyses, variants):
             "first_token_attention_by_layer": mean("first_token_attention"),
             "dominance_ratio_token0_by_layer": mean("dominance_ratio_token0"),
             "effective_rank_by_layer": mean("effective_rank"), "var_by_position": mean("var_by_position"),
+            "slot_share_by_layer": {v: mean_over_seeds([a["slot_share"] for a in analyses[v]]) for v in variants
+                                    if analyses[v][0]["slot_share"] is not None},
             "var_by_position_after_norm": mean("var_by_position_after_norm")}
 
 
@@ -451,13 +468,18 @@ def report(metrics, block_size):
     print(f"\n{metrics['profile']} profile, {len(seeds)} seed(s) {seeds}, {metrics['steps']} steps; measures on "
           f"{metrics['n_windows']} held-out windows, mean over seeds (uniform attention to token 0: "
           f"{uniform_attention_to_token0(block_size):.3f})")
+    slot = metrics["slot_share_by_layer"]
     print_table([[LABELS[v], mean_std_text(metrics["val_loss_final"][v]),
                   steps_text(metrics["seed_study"]["by_variant"][v]),
                   float(np.mean(metrics["sink_rate_by_seed"][v])), max(metrics["first_token_attention_by_layer"][v]),
-                  max(metrics["dominance_ratio_token0_by_layer"][v]), min(metrics["effective_rank_by_layer"][v])]
+                  max(metrics["dominance_ratio_token0_by_layer"][v]), min(metrics["effective_rank_by_layer"][v]),
+                  float(np.mean(slot[v])) if v in slot else "-"]
                  for v in variants],
                 ["variant", "final val loss", "steps to own seed's baseline final", "sink rate", "max attn to token 0",
-                 "max dominance 0", "min eff. rank"])
+                 "max dominance 0", "min eff. rank", "slot share"])
+    if slot:
+        print("(sink rate and attention to token 0: over the real keys, each row over its sum, Gu et al.'s formula; "
+              "slot share: the weight each query puts on the slot, mean over layers)")
     print("\nvalidation loss by evaluated step (mean over seeds; each seed in metrics.json, val_loss_curves)")
     print_table([[step] + [mean_curves[v][j] for v in variants] for j, step in enumerate(metrics["val_steps"])],
                 ["step"] + [LABELS[v] for v in variants])
@@ -479,9 +501,10 @@ def parse_variants(text):
 def parse_args(argv):
     """The command line -> (args, variants)."""
     parser = script_parser(__doc__, cpu_profile=DEFAULT_PROFILE, pretrained=False)
-    parser.add_argument("--variants", default=",".join(ATTENTION_VARIANTS),
+    parser.add_argument("--variants", default=",".join(PAPER_VARIANTS),
                         help=f"comma-separated, softmax included, of {', '.join(ARMS)} "
-                             f"(default: {','.join(ATTENTION_VARIANTS)})")
+                             f"(default: {','.join(PAPER_VARIANTS)}, the paper's; the field's fixes: "
+                             f"{','.join(SLOT_VARIANTS)})")
     parser.add_argument("--seeds", type=int, default=1,
                         help="seeds per variant: --seed, --seed + 1, ... (default 1: four models with the default "
                              "--variants; 3 or more give the seed study its intervals)")
