@@ -1,7 +1,10 @@
 """
-A small Llama-style GPT with four attention variants and hook points to record and edit it.
+A small Llama-style GPT with seven attention variants and hook points to record and edit it.
 
-  GPTConfig     the shape, and which attention: softmax | sigmoid | headwise | gated
+  GPTConfig     the shape, and which attention: softmax | sigmoid | headwise | gated, the paper's four;
+                or one of the fixes the field ships, an extra slot in each head's softmax (SLOT_VARIANTS):
+                sink_logit (a learnable logit per head, gpt-oss) | softmax1 (that logit fixed at 0, E. Miller)
+                | kv_bias (a learnable key and value per head, Sun et al. 2024)
   RMSNorm, RoPE, CausalSelfAttention, SwiGLU, Block, GPT: the model, top to bottom
   GPT.hooks     record or edit any intermediate tensor: `with model.hooks(record=...) as cache`
   GPT.run_with_cache  one pass without gradients under those hooks -> (logits, cache)
@@ -22,7 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ATTENTION_VARIANTS = ("softmax", "sigmoid", "headwise", "gated")
+SLOT_VARIANTS = ("sink_logit", "softmax1", "kv_bias")  # each head's softmax gets one extra slot (see CausalSelfAttention)
+ATTENTION_VARIANTS = ("softmax", "sigmoid", "headwise", "gated") + SLOT_VARIANTS
 HEAD_NORM_INITS = ("calibrated", "ones")
 
 
@@ -125,13 +129,26 @@ class CausalSelfAttention(nn.Module):
             self.head_norm_gain = nn.Parameter(torch.ones(config.n_head, 1, self.head_dim))
         if self.variant == "gated":
             self.gate = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        if self.variant in SLOT_VARIANTS:  # the slot's key k', value v' and logit bias b, one each per (query) head
+            learnable = {"slot_key": self.variant == "kv_bias", "slot_value": self.variant == "kv_bias",
+                         "slot_logit": self.variant == "sink_logit"}
+            for name, shape in (("slot_key", (config.n_head, 1, self.head_dim)),
+                                ("slot_value", (config.n_head, 1, self.head_dim)), ("slot_logit", (config.n_head, 1, 1))):
+                # Zeros, learnable or not: at init all three variants are softmax1 exactly (k' = 0 gives the
+                # logit 0, v' = 0 adds nothing), so the arms differ only by what training makes of the slot.
+                # Zeros still learn: dL/dv' = sum_t share_t dL/dy_t and dL/db are not 0 at init, and dL/dk' follows.
+                if learnable[name]:
+                    setattr(self, name, nn.Parameter(torch.zeros(shape)))
+                else:  # fixed at 0: a buffer, not a parameter, and not saved in checkpoints
+                    self.register_buffer(name, torch.zeros(shape), persistent=False)
         # Sigmoid attention's fixed bias b = -log(T) (Ramapuram et al. 2024): at init each weight is about 1/T.
         self.sigmoid_bias = -math.log(config.block_size)
         self.custom_mask = None  # (T, T) bool, True where a query may attend; set by GPT.hooks
         self.hook_q = HookPoint()  # (B, H, T, hd) queries after RoPE
         self.hook_k = HookPoint()  # (B, H, T, hd) keys after RoPE (grouped-query: repeated to H heads)
         self.hook_v = HookPoint()  # (B, H, T, hd) values
-        self.hook_pattern = HookPoint()  # (B, H, T, T) attention weights A[t, s]; recording it takes the explicit path
+        self.hook_pattern = HookPoint()  # (B, H, T, T) attention weights A[t, s] over the real keys; recording it takes the explicit path
+        self.hook_slot = HookPoint()  # (B, H, T) the slot's share of query t's weight (SLOT_VARIANTS only); recording it, too
         self.hook_head_out = HookPoint()  # (B, H, T, hd) o_{t,h}: each head's value aggregation
         self.hook_head_out_post = HookPoint()  # (B, H, T, hd) after head-wise RMSNorm or the gate: W_O's input
         self.hook_out = HookPoint()  # (B, T, C) the attention branch's output, W_O o
@@ -145,17 +162,38 @@ class CausalSelfAttention(nn.Module):
         if k.shape[1] < self.n_head:  # grouped-query attention: key/value head j serves query heads j*g .. j*g + g-1
             k, v = (t.repeat_interleave(self.n_head // t.shape[1], dim=1) for t in (k, v))  # (B, H, T, hd)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
-        explicit = self.variant == "sigmoid" or self.custom_mask is not None or self.hook_pattern.active
+        slot = self.variant in SLOT_VARIANTS
+        # The slot (SLOT_VARIANTS): one more entry in query t's softmax, seen by every query, that is no token:
+        #   z_t = q_t . k' / sqrt(d) + b                          the slot's logit
+        #   A[t, s] = exp(x_ts) / (exp(z_t) + sum_{s' <= t} exp(x_ts')),   x_ts = q_t . k_s / sqrt(d)
+        #   share_t = exp(z_t) / (the same sum),  so  sum_s A[t, s] + share_t = 1
+        #   y_t = sum_s A[t, s] v_s + share_t v'
+        # sink_logit: b learnable, k' = v' = 0 (the slot's weight is dropped); softmax1: b = k' = v' = 0,
+        # A = exp(x_i) / (1 + sum_j exp(x_j)); kv_bias: b = 0, k' and v' learnable.
+        explicit = (self.variant == "sigmoid" or self.custom_mask is not None or self.hook_pattern.active
+                    or self.hook_slot.active)
         if explicit:  # the path that exposes the attention weights
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # made per call: no (block, block) buffer
-            allowed = causal if self.custom_mask is None else self.custom_mask[:T, :T]
+            allowed = causal if self.custom_mask is None else self.custom_mask[:T, :T]  # the slot stays visible
             # (B, H, T, T) in float32 whatever the compute dtype: in bf16, b would be rounded and rows sum to 1 +- 2e-3
             scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(self.head_dim)
             if self.variant == "sigmoid":  # A = sigmoid(q.k / sqrt(d) + b), rows not normalised
                 weights = torch.sigmoid(scores + self.sigmoid_bias).masked_fill(~allowed, 0.0)
+            elif slot:
+                z = (q @ self.slot_key.to(q.dtype).transpose(-2, -1)).float() / math.sqrt(self.head_dim) + self.slot_logit  # (B, H, T, 1)
+                weights = torch.cat((z, scores.masked_fill(~allowed, float("-inf"))), dim=-1).softmax(dim=-1)  # (B, H, T, 1 + T)
+                share, weights = self.hook_slot(weights[..., 0]), weights[..., 1:]  # (B, H, T), (B, H, T, T)
             else:
                 weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
             y = self.hook_pattern(weights).to(v.dtype) @ v  # (B, H, T, hd)
+            if slot:
+                y = y + share.unsqueeze(-1).to(v.dtype) * self.slot_value.to(v.dtype)
+        elif slot:  # fast path: the slot as key 0 of scaled_dot_product_attention, its b in the mask
+            k_slot, v_slot = (t.to(k.dtype).expand(B, -1, -1, -1) for t in (self.slot_key, self.slot_value))  # (B, H, 1, hd)
+            k, v = torch.cat((k_slot, k), dim=2), torch.cat((v_slot, v), dim=2)  # (B, H, 1 + T, hd)
+            causal = torch.full((T, T), float("-inf"), device=x.device).triu(1)  # (T, T): 0 where s <= t, else -inf
+            mask = torch.cat((self.slot_logit.expand(-1, T, -1), causal.expand(self.n_head, -1, -1)), dim=-1)  # (H, T, 1 + T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype).unsqueeze(0))  # (B, H, T, hd)
         else:  # fast path, same numbers
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)
         y = self.hook_head_out(y)  # o_{t,h}: each head's value aggregation

@@ -78,6 +78,10 @@ ARMS = {
     "gated": (dict(attn="gated"), {}),
     "headwise_nodecay": (dict(attn="headwise"), dict(head_norm_gain_decay=False)),
     "headwise_ones": (dict(attn="headwise", head_norm_init="ones"), dict(head_norm_gain_decay=False)),
+    # The fixes the field ships: an extra slot in each head's softmax (model.SLOT_VARIANTS); 05 trains them when named.
+    "sink_logit": (dict(attn="sink_logit"), {}),
+    "softmax1": (dict(attn="softmax1"), {}),
+    "kv_bias": (dict(attn="kv_bias"), {}),
 }
 
 
@@ -148,8 +152,13 @@ def norm_gains(model, head_norm_gain=True):
 
 def parameter_groups(model, weight_decay, head_norm_gain_decay=False):
     """AdamW groups: matrices and embeddings decay; RMSNorm gains never do; head-wise RMSNorm's gain
-    (H, 1, hd) decays only with head_norm_gain_decay (the authors decay every parameter of 2 or more dims)."""
+    (H, 1, hd) decays only with head_norm_gain_decay (the authors decay every parameter of 2 or more dims).
+    The attention slot's parameters never decay: sink_logit's logit b (H, 1, 1) and kv_bias's key k' and
+    value v' (H, 1, hd) are biases, one per head, not maps of the input. Decay would pull each to 0,
+    that is each slot towards softmax1's, a prior the fixes under test do not have (by name, not by
+    dimension: their shapes have 3 dimensions)."""
     gains = {id(p) for p in norm_gains(model, head_norm_gain=not head_norm_gain_decay)}
+    gains |= {id(p) for name, p in model.named_parameters() if name.split(".")[-1] in ("slot_logit", "slot_key", "slot_value")}
     return [{"params": [p for p in model.parameters() if id(p) not in gains], "weight_decay": weight_decay},
             {"params": [p for p in model.parameters() if id(p) in gains], "weight_decay": 0.0}]
 

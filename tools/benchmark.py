@@ -4,11 +4,13 @@
               (LayerNorm, learned positions, GELU MLP of 4 * n_embd, fused SDPA attention)
   softmax     our model, hooks off (fast path)
   recording   our model recording every hook point at every step
-  headwise    our model with head-wise RMSNorm, hooks off
-  ..., compiled   with --compile: the reference, softmax and headwise under torch.compile (on CUDA
+  headwise    our model with head-wise RMSNorm, hooks off; --variants names others (any of training.ARMS),
+              e.g. --variants headwise,sink_logit,softmax1,kv_bias for the slot fixes beside it
+  ..., compiled   with --compile: the reference, softmax and each variant under torch.compile (on CUDA
               the training default), each compared with the compiled reference
 
-Usage: python tools/benchmark.py [--profile cpu] [--steps 30] [--device cpu] [--compile] [--batch N]
+Usage: python tools/benchmark.py [--profile cpu] [--steps 30] [--rounds 3] [--device cpu] [--compile] [--batch N]
+                                 [--variants headwise]
        (the gpu shape on the CPU: --profile gpu --batch 4 --steps 3)
 Not a test: pytest does not collect it. Numbers go in README and the closing notes.
 """
@@ -86,8 +88,8 @@ def as_trained(one_step, device):
 
 
 def tokens_per_second(steps_by_name, n_tokens, steps, rounds=3):
-    """Interleave the models round by round so machine noise hits them alike; best round wins."""
-    best = {name: 0.0 for name in steps_by_name}
+    """Interleave the models round by round so machine noise hits them alike -> {name: [tokens/s of each round]}."""
+    speeds = {name: [] for name in steps_by_name}
     for _ in range(rounds):
         for name, one_step in steps_by_name.items():
             for _ in range(3):  # warm up
@@ -95,8 +97,8 @@ def tokens_per_second(steps_by_name, n_tokens, steps, rounds=3):
             start = time.perf_counter()
             for _ in range(steps):
                 one_step()
-            best[name] = max(best[name], n_tokens * steps / (time.perf_counter() - start))
-    return best
+            speeds[name].append(n_tokens * steps / (time.perf_counter() - start))
+    return speeds
 
 
 def main():
@@ -104,6 +106,9 @@ def main():
     parser.add_argument("--profile", default="cpu")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=None, help="windows a step (default: the profile's)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of --steps steps each model (default 3)")
+    parser.add_argument("--variants", default="headwise",
+                        help="comma-separated arms (training.ARMS) to time beside softmax (default: headwise)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="also each model under torch.compile (compile time apart)")
     args = parser.parse_args()
@@ -113,12 +118,13 @@ def main():
     batch = args.batch or train_cfg.batch_size
     x = torch.randint(256, (batch, model_cfg.block_size), device=device)
     y = torch.randint(256, (batch, model_cfg.block_size), device=device)
+    variants = [v for v in args.variants.split(",") if v and v != "softmax"]
     models = {"reference": ReferenceGPT(model_cfg).to(device), "softmax": GPT(model_cfg).to(device),
-              "headwise": GPT(profile_configs(args.profile, "headwise")[0]).to(device)}
+              **{v: GPT(profile_configs(args.profile, v)[0]).to(device) for v in variants}}
     steps = {"reference": step_timer(models["reference"], x, y, False),
              "softmax": step_timer(models["softmax"], x, y, False),
              "recording": step_timer(models["softmax"], x, y, True),
-             "headwise": step_timer(models["headwise"], x, y, False)}
+             **{v: step_timer(models[v], x, y, False) for v in variants}}
     compile_seconds = {}
     if args.compile:
         for name, model in models.items():
@@ -127,14 +133,17 @@ def main():
             compiled()  # the first step compiles
             compile_seconds[name] = time.perf_counter() - start
             steps[f"{name}, compiled"] = compiled
-    speed = tokens_per_second(steps, x.numel(), args.steps)
+    rounds = tokens_per_second(steps, x.numel(), args.steps, args.rounds)
+    speed = {name: max(r) for name, r in rounds.items()}  # the best round: noise only ever slows a round down
+    median = {name: sorted(r)[len(r) // 2] for name, r in rounds.items()}
     print(f"profile {args.profile}: batch {batch} x T {model_cfg.block_size}, "
-          f"{sum(p.numel() for p in models['softmax'].parameters()) / 1e6:.2f}M parameters, {torch.get_num_threads()} threads")
+          f"{sum(p.numel() for p in models['softmax'].parameters()) / 1e6:.2f}M parameters, {torch.get_num_threads()} threads, "
+          f"{args.rounds} rounds of {args.steps} steps; best round (median round)")
     for name, tps in speed.items():
         base = "reference, compiled" if name.endswith("compiled") else "reference"
         softmax = "softmax, compiled" if name.endswith("compiled") else "softmax"
-        print(f"{name:>20}  {tps:9.0f} tokens/s  {tps / speed[base]:.2f}x {base}  "
-              f"{speed[softmax] / tps:.2f}x the time of {softmax}")
+        print(f"{name:>22}  {tps:9.0f} tokens/s  {tps / speed[base]:.2f}x {base}  "
+              f"{speed[softmax] / tps:.2f}x ({median[softmax] / median[name]:.2f}x) the time of {softmax}")
     for name, seconds in compile_seconds.items():
         print(f"compiling {name}: {seconds:.0f} s (its first step)")
 
