@@ -425,7 +425,7 @@ def print_claims(metrics, variants):
                    f" -> removes the sink in {sum(removed)} of {sum(sink_seeds)} seeds with one" if any(removed) else
                    " -> does not remove the sink")
         print(f"  {LABELS[v]}: sink rate by seed, baseline -> fix: {drop}{verdict}"
-              + (" (no sink head in any window, where the baseline has a sink)" if verdict else ""))
+              + (" (the rule: not one sink head in any window, in a seed whose baseline has a sink)" if verdict else ""))
         s = study["by_variant"][v]
         mid = interval_verdict(s["minus_baseline_mid"]["low"], s["minus_baseline_mid"]["high"], "faster", "slower")
         end = interval_verdict(s["minus_baseline_final"]["low"], s["minus_baseline_final"]["high"], "lower", "higher")
