@@ -12,7 +12,7 @@ from torch.testing import assert_close
 from conftest import ROOT
 from data import BOS, ByteData, load_corpus, random_token_windows
 from measures import variance_by_position
-from model import apply_rope, ATTENTION_VARIANTS, GPT, GPTConfig, InputError, rope_tables, self_only_mask
+from model import apply_rope, ATTENTION_VARIANTS, GPT, GPTConfig, InputError, rope_tables, self_only_mask, SLOT_VARIANTS
 from training import load_checkpoint, profile_configs, save_checkpoint, train, TrainConfig, trained_model
 
 
@@ -62,14 +62,14 @@ def test_fast_path_equals_recorded_path(tiny_config, attn, monkeypatch):
 @pytest.mark.parametrize("attn", [a for a in ATTENTION_VARIANTS if a != "sigmoid"])
 def test_fast_path_equals_recorded_path_under_bf16_autocast(tiny_config, attn):
     """As on a GPU: q and k stay in bf16 through RoPE, the recorded path computes its softmax in float32,
-    so its rows sum to 1 as in float32, and the two paths agree within bf16's rounding (2^-8 relative)."""
+    so its rows (plus the slot's share, where there is a slot) sum to 1 as in float32, and the two paths agree within bf16's rounding (2^-8 relative)."""
     model = variant(tiny_config, attn)
     idx = torch.randint(256, (4, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fast, _ = model(idx)
-        with model.hooks(record="blocks.*.attn.hook_pattern") as cache:
+        with model.hooks(record=["blocks.*.attn.hook_pattern", "blocks.*.attn.hook_slot"]) as cache:
             recorded, _ = model(idx)
-    rows = cache["blocks.1.attn.hook_pattern"].sum(-1)  # (B, H, T)
+    rows = cache["blocks.1.attn.hook_pattern"].sum(-1) + cache.get("blocks.1.attn.hook_slot", 0)  # (B, H, T)
     assert_close(rows, torch.ones_like(rows), rtol=0, atol=1e-6)
     assert_close(fast, recorded, rtol=2**-7, atol=2**-7 * fast.abs().max().item())
 
@@ -431,3 +431,109 @@ def test_gpu_profile_trains_two_steps_on_the_cpu(tmp_path):
         _, loss = model(x, y)
     loss.backward()
     assert math.isfinite(loss.item())
+
+
+# ----------------------------------------------------------------------------- the slot fixes
+def same_weights(config, attn, donor):
+    """A model of variant `attn` with `donor`'s weights (its slot's, where both have one)."""
+    model = variant(config, attn)
+    missing, _ = model.load_state_dict(donor.state_dict(), strict=False)
+    assert all(name.split(".")[-1].startswith("slot_") for name in missing)
+    return model
+
+
+def randomise_slots(model, scale=1.0):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.split(".")[-1].startswith("slot_"):
+                p.copy_(scale * torch.randn_like(p))
+    return model
+
+
+def both_paths(model, idx):
+    """(fast logits, recorded logits, recorded cache) for one batch."""
+    fast, _ = model(idx)
+    with model.hooks(record=["blocks.*.attn.hook_pattern", "blocks.*.attn.hook_slot"]) as cache:
+        recorded, _ = model(idx)
+    return fast, recorded, cache
+
+
+def test_softmax1_is_sink_logit_with_the_logit_held_at_0(tiny_config):
+    """Miller's softmax off by one is gpt-oss's sink logit at b = 0, on both paths; neither is softmax."""
+    idx = torch.randint(256, (3, 16))
+    sink = variant(tiny_config, "sink_logit")
+    assert all((b.slot_logit == 0).all() for b in (blk.attn for blk in sink.blocks))  # initialised at 0
+    off_by_one = same_weights(tiny_config, "softmax1", sink)
+    for a, b in zip(both_paths(sink, idx)[:2], both_paths(off_by_one, idx)[:2]):
+        assert_close(a, b, rtol=0, atol=1e-6)
+    plain, _ = same_weights(tiny_config, "softmax", sink)(idx)
+    assert (plain - off_by_one(idx)[0]).abs().max() > 1e-3  # the slot changes the output
+
+
+def test_sink_logit_at_minus_30_is_softmax(tiny_config):
+    """exp(-30) ~ 1e-13: a slot with that logit takes no weight, and the head is softmax's again."""
+    idx = torch.randint(256, (3, 16))
+    sink = variant(tiny_config, "sink_logit")
+    with torch.no_grad():
+        for blk in sink.blocks:
+            blk.attn.slot_logit.fill_(-30.0)
+    plain = same_weights(tiny_config, "softmax", sink)
+    for a, b in zip(both_paths(sink, idx)[:2], both_paths(plain, idx)[:2]):
+        assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_kv_bias_at_zero_is_softmax1(tiny_config):
+    """k' = 0 gives the slot the logit 0 and v' = 0 adds nothing: Miller's softmax1. With k', v' drawn, it is not."""
+    idx = torch.randint(256, (3, 16))
+    kv = variant(tiny_config, "kv_bias")
+    off_by_one = same_weights(tiny_config, "softmax1", kv)
+    for a, b in zip(both_paths(kv, idx)[:2], both_paths(off_by_one, idx)[:2]):
+        assert_close(a, b, rtol=0, atol=1e-6)
+    assert (randomise_slots(kv)(idx)[0] - off_by_one(idx)[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("attn", SLOT_VARIANTS)
+@pytest.mark.parametrize("n_kv_head", [2, 1])
+def test_each_fused_slot_equals_the_explicit_one_and_its_parameters_learn(tiny_config, attn, n_kv_head):
+    """The fused path (the slot as an extra key of scaled_dot_product_attention, its logit in the mask) gives
+    the explicit path's logits and gradients, also under grouped-query attention; the slot's parameters get
+    gradients on both (sink_logit: b; kv_bias: k' and v'; softmax1 has none)."""
+    config = dataclasses.replace(tiny_config, n_kv_head=n_kv_head)
+    model = randomise_slots(variant(config, attn))
+    idx = torch.randint(256, (3, 16))
+    fast, recorded, _ = both_paths(model, idx)
+    assert_close(fast, recorded, rtol=0, atol=1e-5)
+    grads = []
+    for record in ([], ["blocks.*.attn.hook_slot"]):  # fused, then explicit
+        model.zero_grad()
+        with model.hooks(record=record):
+            model(idx, idx)[1].backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    slots = [n for n in grads[0] if n.split(".")[-1].startswith("slot_")]
+    assert len(slots) == {"sink_logit": 1, "softmax1": 0, "kv_bias": 2}[attn] * config.n_layer
+    for name in grads[0]:
+        assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6)
+    assert all(grads[0][n].abs().max() > 0 for n in slots)
+
+
+@pytest.mark.parametrize("attn", SLOT_VARIANTS)
+def test_real_keys_and_the_slot_share_each_querys_weight(tiny_config, attn):
+    """On a fresh model, and with the slot drawn at random: sum_s A[t, s] + share_t = 1 for every query,
+    and the slot's share is strictly between 0 and 1 (query 0 has one real key and the slot)."""
+    idx = torch.randint(256, (3, 16))
+    for model in (variant(tiny_config, attn), randomise_slots(variant(tiny_config, attn))):
+        _, _, cache = both_paths(model, idx)
+        for i in range(tiny_config.n_layer):
+            share = cache[f"blocks.{i}.attn.hook_slot"]  # (B, H, T)
+            rows = cache[f"blocks.{i}.attn.hook_pattern"].sum(-1) + share
+            assert_close(rows, torch.ones_like(rows), rtol=0, atol=1e-6)
+            assert ((share > 0) & (share < 1)).all()
+
+
+def test_a_compiled_slot_model_gives_the_eager_logits(tiny_config):
+    """torch.compile traces the fused slot (kv_bias has all three pieces: k', v' and the mask)."""
+    model = randomise_slots(variant(tiny_config, "kv_bias"))
+    idx = torch.randint(256, (3, 16))
+    eager, _ = model(idx)
+    compiled, _ = torch.compile(model)(idx)
+    assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
