@@ -21,7 +21,7 @@ disparity go with it tells which link drives which.
 
 What this script does. It trains the paper's four variants of model.py with the profile's recipe
 (on the CPU by default `cpu_bos`: the series' own cpu recipe grows no full sink without a BOS
-token, so 05 takes the recipe with a BOS token whose layer-0 sink a fix can remove; README),
+token, so 05 takes the recipe with a BOS token whose layer-0 sink a fix can remove; docs/recipe_search.md),
 the same token budget and the same data order, for each of --seeds seeds (seed --seed,
 --seed + 1, ...; default one seed: four models). The checkpoint cache keeps every
 run, so a second call only analyses. It prints the expected training time first: each
@@ -78,7 +78,7 @@ Exercises (cpu_bos profile; a new training takes 6 to 10 minutes on 2 cores, ana
   4. Predicting. Head-wise RMSNorm's gain starts at token 0's output scale (the authors' rule,
      `calibrate_head_norm_gain` in model.py); the arm `headwise_ones` starts it at 1, as this
      project once did, several times the scale of every head output at init. The seed study
-     (README) found the gain of ones 0.07 nats worse on the `cpu` recipe. Predict whether it also
+     (docs/results.md) found the gain of ones 0.07 nats worse on the `cpu` recipe. Predict whether it also
      keeps more sink heads on `cpu_bos`, then run `--variants softmax,headwise,headwise_ones` (one
      more model) and compare `sink_rate_by_seed` and `val_loss_final`. (No check: a reading.)
   5. Predicting. Gu et al. find that a larger weight decay makes sinks stronger. Add
@@ -106,7 +106,7 @@ from training import (ARMS, checkpoint_path, close_distributed, duration_text, i
                       in_cache, profile_configs, trained_model)
 
 PAPER_VARIANTS = tuple(v for v in ATTENTION_VARIANTS if v not in SLOT_VARIANTS)  # 05's default: the paper's four
-DEFAULT_PROFILE = "cpu_bos"  # on the CPU: the recipe with a BOS sink for the fixes to remove (README, 05)
+DEFAULT_PROFILE = "cpu_bos"  # on the CPU: the recipe with a BOS sink for the fixes to remove (docs/recipe_search.md)
 AGGREGATION_LAYER = 0  # the layer whose aggregation output Fig. 23 shows
 LABELS = {"softmax": "baseline (softmax)", "sigmoid": "sigmoid", "headwise": "head-wise RMSNorm", "gated": "gated",
           "headwise_nodecay": "head-wise, gain not decayed", "headwise_ones": "head-wise, gain of ones",

@@ -21,7 +21,7 @@ SINK_LAYER_SHARE = 0.5  # ours: a sink layer has Gu et al.'s sink rate at least 
 SPIKE_NORM_RATIO = 2.0  # ours, not the paper's: token 0's L2 norm at least 2x the others' mean is the norm spike
 MIN_LATER_QUERIES = 8  # ours: a key must be seen by at least 8 later queries for its attention received to count
 SUPER_NEURON_Z = 3.0  # ours: a super neuron has a row-norm z-score at least this in both W_gate and W_up
-# The paper draws the later links without numbers; these bars are ours (README, "Results"):
+# The paper draws the later links without numbers; these bars are ours (docs/results.md):
 TOKEN0_UNIT_RATIO = 10.0  # ours: an FFN unit fires on token 0 at least 10x its mean |activation| on the others
 MASSIVE_RATIO = 10.0  # ours: token 0's max/median |x| (Sun et al.'s massive activation) at least 10x the others'
 DOMINANCE_RATIO = 10.0  # ours: token 0's dominance ratio after RMSNorm at least 10x the others'

@@ -59,7 +59,7 @@ PROFILES = {
                                bos=True, repeat_prob=1.0, eval_interval=500)),
     # Budgeted at Gu et al.'s emergence point (a sink between step 1k and 2k at 1M tokens a step): 4000 steps
     # of 512 x 512 = 262k tokens, 1.05B tokens in all, no BOS, context 512, weight decay 0.5 (their strongest
-    # lever); all Python source on the interpreter's path (about 180 MB here: ~6 passes). Not yet run (README).
+    # lever); all Python source on the interpreter's path (about 180 MB here: ~6 passes). Not yet run (docs/gpu.md).
     "gpu": dict(model=dict(block_size=512, n_layer=6, n_head=6, n_embd=384),
                 train=dict(steps=4000, batch_size=512, lr=3e-3, warmup_steps=200, schedule="constant",
                            weight_decay=0.5, bos=False, repeat_prob=1.0, random_prob=0.5, eval_interval=250,
@@ -390,7 +390,7 @@ def snapshot_steps(steps, n=DEFAULT_SNAPSHOTS):
 CHECK_EVERY = 50  # steps between reads of the loss (each read waits for the device)
 
 # On the CPU, compiling the training step takes 13-45 s the first time (6-8 s once torch's cache
-# is warm) and then makes each step 1.1-1.4x faster (README's throughput): it pays from about 10M
+# is warm) and then makes each step 1.1-1.4x faster (docs/results.md, "Throughput"): it pays from about 10M
 # training tokens, the cpu and cpu_bos profiles, not the tiny profile nor 05's 2000-step seed study.
 CPU_COMPILE_FROM_TOKENS = 10_000_000
 

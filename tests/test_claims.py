@@ -3,7 +3,7 @@
 
 The same seed trains a different model on another machine: floating-point results differ across CPUs.
 So a claim about a trained model is judged over seeds, and the two groups split the claims by what
-seeds 0-2 showed on our machine (README, "Results at our scale"):
+seeds 0-2 showed on our machine (docs/results.md, "Every claim, by seed"):
   - `claims` (CI; seed CLAIMS_SEED, 0 by default): a claim that held in every seed is asserted; one that
     failed in every seed is a strict expected failure whose reason gives the range over the seeds;
   - `claims_long` (seeds 0-2; about 40 minutes of training on 2 cores): a claim that held in some seeds
@@ -174,7 +174,7 @@ CLAIMS = {
 }
 FIX_CLAIMS = {f"{variant} removes the sink": variant for variant in FIXES}
 
-# What seeds 0-2 showed here (README, "Results at our scale"): the claims that failed in every seed,
+# What seeds 0-2 showed here (docs/results.md, "Every claim, by seed"): the claims that failed in every seed,
 # with their range, and those whose outcome differed between seeds, with their count.
 FAILED_IN_EVERY_SEED = {
     "a sink in a layer from 1 on": "seeds 0-2: Gu et al.'s sink rate at most 0.086 in any layer (seed 0, layer 2; 0 in "

@@ -119,7 +119,7 @@ def test_04_exercise_1_lambda_one_is_the_baseline():
 
 
 @claim_not_held("cpu model, seed 0, measured: with --k 20 the masked position receives 0.027 from the later queries "
-                "(1.1x its baseline) and the argmax over positions >= 1 stays at 62; see README, 04")
+                "(1.1x its baseline) and the argmax over positions >= 1 stays at 62; see docs/results.md, 04")
 def test_04_exercise_2_with_k_20_the_sink_is_at_20():
     metrics = run("04_interventions.py", "--k", "20")
     received = metrics["attention_received_masked"]

@@ -14,7 +14,7 @@ A tenth of the peak is an assumption for a model this small, whose step is bound
 memory traffic more than by matmuls; tools/gpu_check.py-style measurements replace it.
 
 Usage: python tools/activation_memory.py [--profile gpu]
-Not a test: pytest does not collect it. Its numbers go in README.
+Not a test: pytest does not collect it. Its numbers go in docs/gpu.md.
 """
 import argparse
 import os

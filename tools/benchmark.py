@@ -12,7 +12,7 @@
 Usage: python tools/benchmark.py [--profile cpu] [--steps 30] [--rounds 3] [--device cpu] [--compile] [--batch N]
                                  [--variants headwise]
        (the gpu shape on the CPU: --profile gpu --batch 4 --steps 3)
-Not a test: pytest does not collect it. Numbers go in README and the closing notes.
+Not a test: pytest does not collect it. Its numbers go in docs/results.md ("Throughput").
 """
 import argparse
 import contextlib

@@ -6,7 +6,7 @@ For each attention variant, on the `gpu` profile: the micro-batch probe that tra
 utilisation (MFU): FLOPs of a step (6 x parameters + 12 x layers x T x n_embd per token, as
 nanoGPT and PaLM count them) over the GPU's dense bf16 or fp16 peak, looked up by its name. Then
 01-05 with --quick on the same device, each timed. It prints a table and writes a JSON; the table
-goes in README.
+goes in docs/gpu.md.
 
 On a machine without CUDA it runs the same code at the `tiny` shape on the CPU and says so (the
 fast suite runs it that way): the numbers then say nothing about a GPU.

@@ -8,7 +8,7 @@ where 04 finds it as the trained model, for only the shapes matter here. The pea
 resident set size (ru_maxrss) of 04's process; it must stay within LIMIT_GB.
 
 Usage: python tools/memory_04.py [--profile gpu]   (minutes on 2 CPU cores; --profile tiny: seconds)
-Not a test: pytest does not collect it. Its numbers go in README.
+Not a test: pytest does not collect it. Its numbers go in docs/gpu.md.
 """
 import argparse
 import os

@@ -1,5 +1,5 @@
 """
-The recipe search of README ("The recipe search without BOS"): train one recipe, measure the
+The recipe search of docs/recipe_search.md: train one recipe, measure the
 chain on held-out text windows, write out/search/<name>.json. One run at a time, e.g.
 
     nohup python tools/recipe_search.py K1 '{"n_layer": 4}' '{"steps": 8000}' > out/search/K1.log &
