@@ -27,7 +27,8 @@ the same token budget and the same data order, for each of --seeds seeds (seed -
 run, so a second call only analyses. It prints the expected training time first: each
 variant's step planned as its training will run it (training.planned_step on a fresh model:
 precision, micro-batch, compiled where training compiles, one step timed here), times the
-steps of every run still to train (an estimate; validation and progress bars add a little).
+steps of every run still to train (an estimate: here the runs took 12-20 % longer, since the
+optimizer step, the evaluations and the snapshots are not in it; docs/gpu.md).
 Each training keeps --snapshots models along the way (default 8, step 0 and log-spaced steps),
 and every link of the paper's chain is measured at each (measures.chain_links): the table,
 the step at which each link formed, and whether they formed in the paper's order

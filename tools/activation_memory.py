@@ -84,7 +84,7 @@ def main():
     flops = tokens * (6 * n_params + 12 * model_cfg.n_layer * model_cfg.block_size * model_cfg.n_embd)
     print(f"\n{args.profile}: {train_cfg.steps} steps x {train_cfg.batch_size} x {model_cfg.block_size} tokens, "
           f"{flops:.2g} FLOPs a model (softmax). Estimates, not measured on a GPU:\n")
-    print("| GPU | memory | precision | micro-batch x accumulation (softmax / sigmoid / head-wise / gated) "
+    print(f"| GPU | memory | precision | micro-batch x accumulation ({' / '.join(ATTENTION_VARIANTS)}) "
           "| minutes a model | minutes for 05's default (4 models) |")
     print("|---|---|---|---|---|---|")
     for name, memory_gb, precision, peak_tflops in GPUS:
