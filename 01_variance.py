@@ -49,7 +49,7 @@ Run:  python 01_variance.py [--quick] [--model smollm2-135m]
 Exercises (cpu profile; each takes seconds once the model is cached)
   1. Reading. `variance_by_position` (measures.py) takes the across-sequences variance over
      dim 0 (the windows). Run `python 01_variance.py --profile cpu_bos` (the recipe with a
-     BOS token that 05 uses; it trains in 6 to 10 minutes). Why is
+     BOS token that 05 uses; it trains in 4 to 5 minutes). Why is
      `var_by_position_trained["across_sequences"][0]` then exactly 0, and in which of the
      three cases? Why not with the default profile?
   2. Reading. `kendall_tau_b` counts concordant minus discordant pairs. What does it give for

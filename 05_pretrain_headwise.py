@@ -27,8 +27,8 @@ the same token budget and the same data order, for each of --seeds seeds (seed -
 run, so a second call only analyses. It prints the expected training time first: each
 variant's step planned as its training will run it (training.planned_step on a fresh model:
 precision, micro-batch, compiled where training compiles, one step timed here), times the
-steps of every run still to train (an estimate: here the runs took 12-20 % longer, since the
-optimizer step, the evaluations and the snapshots are not in it; docs/gpu.md).
+steps of every run still to train (an estimate, a little short: the optimizer step, the
+evaluations and the snapshots are not in it; how short, measured: docs/gpu.md).
 Each training keeps --snapshots models along the way (default 8, step 0 and log-spaced steps),
 and every link of the paper's chain is measured at each (measures.chain_links): the table,
 the step at which each link formed, and whether they formed in the paper's order
@@ -60,7 +60,7 @@ says whether each of the paper's claims holds here.
 Run:  python 05_pretrain_headwise.py [--quick] [--variants softmax,headwise] [--seeds 3]
       (figures and metrics.json in out/05_pretrain_headwise/; checkpoints in out/checkpoints/)
 
-Exercises (cpu_bos profile; a new training takes 6 to 10 minutes on 2 cores, analysis seconds)
+Exercises (cpu_bos profile; a new training takes 4 to 5 minutes on 2 cores, analysis seconds)
   1. Reading, then changing code. `steps_to_reach` only looks at evaluated steps, so
      `steps_to_baseline_loss` moves in jumps of eval_interval (500). Predict how far off it
      can be, then make `steps_to_reach` interpolate linearly between the two evaluations

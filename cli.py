@@ -245,10 +245,6 @@ def cost_text(costs):
             f"{(save + measure) / train:.1%} of the {train / 60:.1f} min of training")
 
 
-def link_text(name, value):
-    return "-" if value is None else f"{value:.3g}"
-
-
 LINK_COLUMNS = {"variance_ratio": "var 0", "norm_ratio": "norm 0", "token0_unit_ratio": "unit", "token0_unit_z": "unit z",
                 "massive_ratio": "massive", "dominance_ratio": "dominance", "direction_cosine": "cosine",
                 "sink_rate": "sink rate", "mask_attention_gain": "mask: attn", "mask_unit_gain": "mask: unit"}
@@ -288,7 +284,8 @@ def plot_emergence(results, colors, title, path):
     """fig_emergence: one panel per link, training tokens on a log axis (step 0 at 0), one line per model
     (results: {label: [emergence's result, one per seed]}; colors: {label: color}), each link's bar dashed."""
     fig, axes = plt.subplots(2, (len(LINKS) + 1) // 2, figsize=(4 * ((len(LINKS) + 1) // 2), 7.5))
-    first = min(s["tokens"] for by_seed in results.values() for r in by_seed for s in r["snapshots"] if s["tokens"] > 0)
+    first = min((s["tokens"] for by_seed in results.values() for r in by_seed for s in r["snapshots"] if s["tokens"] > 0),
+                default=1)  # the linear range of the log axis: up to the first snapshot after step 0
     for ax, (name, link) in zip(axes.flat, LINKS.items()):
         for label, by_seed in results.items():
             for j, result in enumerate(by_seed):

@@ -31,7 +31,8 @@ MASK_UNIT_GAIN = 5.0  # ours: under the mask, the token-0 unit fires at k at lea
 
 
 def row_normalized(pattern):
-    """Sigmoid weights don't sum to one; measure them as shares: each row over its sum of |A|."""
+    """Sigmoid's weights, and a slot model's over the real keys, don't sum to one; measure them as
+    shares: each row over its sum of |A| (Gu et al.'s formula, the slot's share left out)."""
     return pattern / pattern.abs().sum(-1, keepdim=True).clamp_min(1e-12)
 
 

@@ -136,7 +136,8 @@ class CausalSelfAttention(nn.Module):
                                 ("slot_value", (config.n_head, 1, self.head_dim)), ("slot_logit", (config.n_head, 1, 1))):
                 # Zeros, learnable or not: at init all three variants are softmax1 exactly (k' = 0 gives the
                 # logit 0, v' = 0 adds nothing), so the arms differ only by what training makes of the slot.
-                # Zeros still learn: dL/dv' = sum_t share_t dL/dy_t and dL/db are not 0 at init, and dL/dk' follows.
+                # Zeros still learn from the first step: dL/dv' = sum_t share_t dL/dy_t, and the slot's logit
+                # gets dL/dz_t = share_t (v' - y_t) . dL/dy_t, not 0 at init, which reaches b and k'.
                 if learnable[name]:
                     setattr(self, name, nn.Parameter(torch.zeros(shape)))
                 else:  # fixed at 0: a buffer, not a parameter, and not saved in checkpoints
@@ -147,8 +148,9 @@ class CausalSelfAttention(nn.Module):
         self.hook_q = HookPoint()  # (B, H, T, hd) queries after RoPE
         self.hook_k = HookPoint()  # (B, H, T, hd) keys after RoPE (grouped-query: repeated to H heads)
         self.hook_v = HookPoint()  # (B, H, T, hd) values
-        self.hook_pattern = HookPoint()  # (B, H, T, T) attention weights A[t, s] over the real keys; recording it takes the explicit path
-        self.hook_slot = HookPoint()  # (B, H, T) the slot's share of query t's weight (SLOT_VARIANTS only); recording it, too
+        self.hook_pattern = HookPoint()  # (B, H, T, T) attention weights A[t, s] over the real keys
+        self.hook_slot = HookPoint()  # (B, H, T) the slot's share of query t's weight (SLOT_VARIANTS only)
+        # (recording either takes the explicit path, which computes them)
         self.hook_head_out = HookPoint()  # (B, H, T, hd) o_{t,h}: each head's value aggregation
         self.hook_head_out_post = HookPoint()  # (B, H, T, hd) after head-wise RMSNorm or the gate: W_O's input
         self.hook_out = HookPoint()  # (B, T, C) the attention branch's output, W_O o
@@ -168,31 +170,36 @@ class CausalSelfAttention(nn.Module):
         #   A[t, s] = exp(x_ts) / (exp(z_t) + sum_{s' <= t} exp(x_ts')),   x_ts = q_t . k_s / sqrt(d)
         #   share_t = exp(z_t) / (the same sum),  so  sum_s A[t, s] + share_t = 1
         #   y_t = sum_s A[t, s] v_s + share_t v'
-        # sink_logit: b learnable, k' = v' = 0 (the slot's weight is dropped); softmax1: b = k' = v' = 0,
-        # A = exp(x_i) / (1 + sum_j exp(x_j)); kv_bias: b = 0, k' and v' learnable.
+        # sink_logit: b learnable, k' = v' = 0 (v' = 0: the share the slot takes goes nowhere); softmax1:
+        # b = k' = v' = 0, so A[t, s] = exp(x_ts) / (1 + sum_s' exp(x_ts')); kv_bias: b = 0, k' and v' learnable.
         explicit = (self.variant == "sigmoid" or self.custom_mask is not None or self.hook_pattern.active
                     or self.hook_slot.active)
         if explicit:  # the path that exposes the attention weights
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # made per call: no (block, block) buffer
-            allowed = causal if self.custom_mask is None else self.custom_mask[:T, :T]  # the slot stays visible
-            # (B, H, T, T) in float32 whatever the compute dtype: in bf16, b would be rounded and rows sum to 1 +- 2e-3
+            # the slot stays visible under a custom mask: under 04's self-only mask, k attends to itself and the slot
+            allowed = causal if self.custom_mask is None else self.custom_mask[:T, :T]
+            # (B, H, T, T) in float32 whatever the compute dtype: in bf16 sigmoid's bias and the slot's logit
+            # would be rounded, and rows would sum to 1 +- 2e-3
             scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(self.head_dim)
             if self.variant == "sigmoid":  # A = sigmoid(q.k / sqrt(d) + b), rows not normalised
                 weights = torch.sigmoid(scores + self.sigmoid_bias).masked_fill(~allowed, 0.0)
             elif slot:
-                z = (q @ self.slot_key.to(q.dtype).transpose(-2, -1)).float() / math.sqrt(self.head_dim) + self.slot_logit  # (B, H, T, 1)
-                weights = torch.cat((z, scores.masked_fill(~allowed, float("-inf"))), dim=-1).softmax(dim=-1)  # (B, H, T, 1 + T)
-                share, weights = self.hook_slot(weights[..., 0]), weights[..., 1:]  # (B, H, T), (B, H, T, T)
+                z = (q @ self.slot_key.to(q.dtype).transpose(-2, -1)).float() / math.sqrt(self.head_dim)
+                z = z + self.slot_logit  # (B, H, T, 1): the slot's logit z_t
+                with_slot = torch.cat((z, scores.masked_fill(~allowed, float("-inf"))), dim=-1).softmax(dim=-1)
+                share, weights = self.hook_slot(with_slot[..., 0]), with_slot[..., 1:]  # (B, H, T), (B, H, T, T)
             else:
                 weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
             y = self.hook_pattern(weights).to(v.dtype) @ v  # (B, H, T, hd)
             if slot:
                 y = y + share.unsqueeze(-1).to(v.dtype) * self.slot_value.to(v.dtype)
         elif slot:  # fast path: the slot as key 0 of scaled_dot_product_attention, its b in the mask
-            k_slot, v_slot = (t.to(k.dtype).expand(B, -1, -1, -1) for t in (self.slot_key, self.slot_value))  # (B, H, 1, hd)
+            # SDPA adds attn_mask to q . k / sqrt(d): key 0 is k', so column 0 scores q_t . k' / sqrt(d) + b = z_t;
+            # the causal columns follow, shifted by one: (H, T, 1 + T). (Under bf16 autocast the mask, b included, is bf16.)
+            k_slot, v_slot = (t.to(k.dtype).expand(B, -1, -1, -1) for t in (self.slot_key, self.slot_value))
             k, v = torch.cat((k_slot, k), dim=2), torch.cat((v_slot, v), dim=2)  # (B, H, 1 + T, hd)
             causal = torch.full((T, T), float("-inf"), device=x.device).triu(1)  # (T, T): 0 where s <= t, else -inf
-            mask = torch.cat((self.slot_logit.expand(-1, T, -1), causal.expand(self.n_head, -1, -1)), dim=-1)  # (H, T, 1 + T)
+            mask = torch.cat((self.slot_logit.expand(-1, T, -1), causal.expand(self.n_head, -1, -1)), dim=-1)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype).unsqueeze(0))  # (B, H, T, hd)
         else:  # fast path, same numbers
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)

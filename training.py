@@ -67,7 +67,7 @@ PROFILES = {
 }
 
 
-# The arms a profile trains (05): the four attention variants, and two ablations of head-wise
+# The arms a profile trains (05): the seven attention variants, and two ablations of head-wise
 # RMSNorm, each (model settings, training settings). "headwise" is the authors' method: the gain
 # calibrated at init (model.calibrate_head_norm_gain) and weight-decayed; "headwise_nodecay" keeps
 # the calibration without the decay, "headwise_ones" is this project's earlier gain of ones, not decayed.

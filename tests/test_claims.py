@@ -6,7 +6,7 @@ So a claim about a trained model is judged over seeds, and the two groups split 
 seeds 0-2 showed on our machine (docs/results.md, "Every claim, by seed"):
   - `claims` (CI; seed CLAIMS_SEED, 0 by default): a claim that held in every seed is asserted; one that
     failed in every seed is a strict expected failure whose reason gives the range over the seeds;
-  - `claims_long` (seeds 0-2; about 40 minutes of training on 2 cores): a claim that held in some seeds
+  - `claims_long` (seeds 0-2; hours of training on 2 cores, README's tests table): a claim that held in some seeds
     and not in others is asserted in every seed, and marked not held with its count; and the fixes the
     field ships (a slot in each head's softmax) removing the sink, over seeds 0-2 of cpu_bos.
 Run: pytest -m claims tests/test_claims.py,  pytest -m claims_long tests/test_claims.py
