@@ -284,8 +284,8 @@ def plot_emergence(results, colors, title, path):
     """fig_emergence: one panel per link, training tokens on a log axis (step 0 at 0), one line per model
     (results: {label: [emergence's result, one per seed]}; colors: {label: color}), each link's bar dashed."""
     fig, axes = plt.subplots(2, (len(LINKS) + 1) // 2, figsize=(4 * ((len(LINKS) + 1) // 2), 7.5))
-    first = min((s["tokens"] for by_seed in results.values() for r in by_seed for s in r["snapshots"] if s["tokens"] > 0),
-                default=1)  # the linear range of the log axis: up to the first snapshot after step 0
+    after_init = [s["tokens"] for by_seed in results.values() for r in by_seed for s in r["snapshots"] if s["tokens"] > 0]
+    first = min(after_init, default=1)  # the log axis is linear up to the first snapshot after step 0
     for ax, (name, link) in zip(axes.flat, LINKS.items()):
         for label, by_seed in results.items():
             for j, result in enumerate(by_seed):

@@ -195,7 +195,7 @@ class CausalSelfAttention(nn.Module):
                 y = y + share.unsqueeze(-1).to(v.dtype) * self.slot_value.to(v.dtype)
         elif slot:  # fast path: the slot as key 0 of scaled_dot_product_attention, its b in the mask
             # SDPA adds attn_mask to q . k / sqrt(d): key 0 is k', so column 0 scores q_t . k' / sqrt(d) + b = z_t;
-            # the causal columns follow, shifted by one: (H, T, 1 + T). (Under bf16 autocast the mask, b included, is bf16.)
+            # the causal columns follow, shifted by one: (H, T, 1 + T). Under bf16 autocast the mask is bf16, b too.
             k_slot, v_slot = (t.to(k.dtype).expand(B, -1, -1, -1) for t in (self.slot_key, self.slot_value))
             k, v = torch.cat((k_slot, k), dim=2), torch.cat((v_slot, v), dim=2)  # (B, H, 1 + T, hd)
             causal = torch.full((T, T), float("-inf"), device=x.device).triu(1)  # (T, T): 0 where s <= t, else -inf

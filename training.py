@@ -155,8 +155,8 @@ def parameter_groups(model, weight_decay, head_norm_gain_decay=False):
     (H, 1, hd) decays only with head_norm_gain_decay (the authors decay every parameter of 2 or more dims).
     The attention slot's parameters never decay: sink_logit's logit b (H, 1, 1) and kv_bias's key k' and
     value v' (H, 1, hd) are biases, one per head, not maps of the input. Decay would pull each to 0,
-    that is each slot towards softmax1's, a prior the fixes under test do not have (by name, not by
-    dimension: their shapes have 3 dimensions)."""
+    that is each slot towards softmax1's, and blur the difference between the three arms (chosen by
+    name, not by dimension: their shapes have 3 dimensions)."""
     gains = {id(p) for p in norm_gains(model, head_norm_gain=not head_norm_gain_decay)}
     gains |= {id(p) for name, p in model.named_parameters() if name.split(".")[-1] in ("slot_logit", "slot_key", "slot_value")}
     return [{"params": [p for p in model.parameters() if id(p) not in gains], "weight_decay": weight_decay},

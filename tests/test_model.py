@@ -1,4 +1,5 @@
-"""Fast tests of model.py, data.py and training.py: the attention variants (the paper's four, the three slot fixes), hook points, data, training, cache."""
+"""Fast tests of model.py, data.py and training.py: the attention variants (the paper's four, the three
+slot fixes), hook points, data, training, cache."""
 import dataclasses
 import math
 import os
