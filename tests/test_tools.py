@@ -58,7 +58,11 @@ def test_the_recipe_search_measures_every_snapshot_as_it_goes(tmp_path, monkeypa
     result = json.load(open("out/search/t.json"))
     assert result["crossings"] == crossings(lines) and result["end"] == lines[-1]
     recipe_search.table("t")
-    assert "| 20 | 0.0M |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| 20 | 0.0M |" in printed and "| t | 2L d32 2h, T 32, batch 4," in printed  # a snapshot, the recipe
+    assert printed.count(" (") >= len(LINKS)  # every link's end value, with the tokens it crossed at
+    recipe_search.plot(["t"], path="links.png")
+    assert os.path.getsize("links.png") > 0
 
 
 def test_the_search_trend_and_its_sink_rule():

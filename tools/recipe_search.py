@@ -13,7 +13,8 @@ run keeps what it measured); the end writes out/search/<name>.json (the crossing
 and the model, out/search/<name>.pt. Gu et al. score a head on a window's first 64 tokens: the
 links are measured there, and the sink rate by layer also at the full context. Not a test: pytest
 does not collect it. `python tools/recipe_search.py --table NAME` prints a run's rows for the docs, the
-trend of its sink rate and the order its links formed in; `--profile cpu` measures a cached profile's model.
+trend of its sink rate and the order its links formed in; `--plot NAME ...` draws every link of the named
+runs against their tokens (assets/search_long_runs.png); `--profile cpu` measures a cached profile's model.
 """
 import json
 import os
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cli import plot_emergence  # noqa: E402
 from data import ByteData, load_corpus  # noqa: E402
 from measures import LINKS, MASK_UNIT_GAIN, SINK_THRESHOLD, chain_links, crossings, first_token_attention, paper_order, sink_rate  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
@@ -108,6 +110,19 @@ def tokens_to_reach(tokens, rates, target=SINK_THRESHOLD, last=4):
     return float(slope), (float(10 ** ((target - intercept) / slope)) if slope > 0 else None)
 
 
+def recipe_text(model, train):
+    """A run's model and training (its .json's) -> the recipe in words, as docs/recipe_search.md gives it."""
+    return (f"{model['n_layer']}L d{model['n_embd']} {model['n_head']}h, T {model['block_size']}, batch "
+            f"{train['batch_size']}, {train['random_prob']:.0%} random windows, lr {train['lr']:g} {train['schedule']}, "
+            f"decay {train['weight_decay']:g}")
+
+
+def link_text(value, step, tokens_at):
+    """A link's value at the end, and the tokens at which it first passed its bar (crossings' step)."""
+    value = "-" if value is None else f"{value:.2f}"
+    return f"{value} ({'never' if step is None else f'{tokens_at[step] / 1e6:.0f}M'})"
+
+
 def table(name):
     """Print a run's snapshots (out/search/<name>.jsonl) as the rows of docs/recipe_search.md."""
     series = [json.loads(line) for line in open(f"out/search/{name}.jsonl")]
@@ -121,9 +136,11 @@ def table(name):
               f"{layers(s['sink_rate_full_context_by_layer'])} | {layers(s['strongest_head_attention_to_0_by_layer'])} |")
     crossed, end = crossings(series), series[-1]
     tokens_at = {s["step"]: s["tokens"] for s in series}
-    for link in LINKS:
-        when = "never" if crossed[link] is None else f"from {tokens_at[crossed[link]] / 1e6:.1f}M tokens"
-        print(f"{link}: {end[link]} at the end (bar {LINKS[link]['bar']}), {when}")
+    if os.path.exists(f"out/search/{name}.json"):  # a finished run: its row of the runs' table
+        run = json.load(open(f"out/search/{name}.json"))
+        print(f"| {name} | {recipe_text(run['model'], run['train'])} | {run['tokens'] / 1e6:.0f}M | "
+              f"{run['train']['steps']} | {run['minutes']:.0f} | {run['val_loss']:.3f} |")
+    print(f"| {name} | " + " | ".join(link_text(end[link], crossed[link], tokens_at) for link in LINKS) + " |")
     grown = [s for s in series if s["tokens"] > 0]
     for key in ("sink_rate", "strongest_head"):
         rates = [s["sink_rate"] if key == "sink_rate" else max(s["strongest_head_attention_to_0_by_layer"]) for s in grown]
@@ -134,6 +151,13 @@ def table(name):
     print(f"order: {formed}, never: {never}, the paper's: {in_order}")
     print(f"a sink by the search's rule (a layer's sink rate >= {SINK_THRESHOLD}, the mask >= {MASK_UNIT_GAIN}x at k):",
           grew_a_sink(end))
+
+
+def plot(names, path="assets/search_long_runs.png"):
+    """Every link of the named runs' snapshots against their training tokens: 01's emergence figure, one line a run."""
+    results = {name: [{"snapshots": [json.loads(line) for line in open(f"out/search/{name}.jsonl")]}] for name in names}
+    colors = {name: f"C{i}" for i, name in enumerate(names)}
+    plot_emergence(results, colors, "The long search without BOS: every link at each snapshot (seed 0, one line a run)", path)
 
 
 def measure_profile(profile):
@@ -150,5 +174,7 @@ if __name__ == "__main__":
         measure_profile(sys.argv[2])
     elif sys.argv[1:2] == ["--table"]:
         table(sys.argv[2])
+    elif sys.argv[1:2] == ["--plot"]:
+        plot(sys.argv[2:])
     else:
         main(*sys.argv[1:])
