@@ -120,7 +120,7 @@ def recipe_text(model, train):
 def link_text(value, step, tokens_at):
     """A link's value at the end, and the tokens at which it first passed its bar (crossings' step)."""
     value = "-" if value is None else f"{value:.2f}"
-    return f"{value} ({'never' if step is None else f'{tokens_at[step] / 1e6:.0f}M'})"
+    return f"{value} ({'never' if step is None else f'{tokens_at[step] / 1e6:.3g}M'})"
 
 
 def table(name):
@@ -142,7 +142,7 @@ def table(name):
               f"{run['train']['steps']} | {run['minutes']:.0f} | {run['val_loss']:.3f} |")
     print(f"| {name} | " + " | ".join(link_text(end[link], crossed[link], tokens_at) for link in LINKS) + " |")
     grown = [s for s in series if s["tokens"] > 0]
-    for key in ("sink_rate", "strongest_head"):
+    for key in ("sink_rate", "strongest_head") if len(grown) >= 2 else ():  # a trend needs two snapshots
         rates = [s["sink_rate"] if key == "sink_rate" else max(s["strongest_head_attention_to_0_by_layer"]) for s in grown]
         slope, reach = tokens_to_reach([s["tokens"] for s in grown], rates)
         print(f"{key} trend over the last 4 snapshots: {slope:+.3f} a decade of tokens, "
