@@ -123,9 +123,14 @@ def link_text(value, step, tokens_at):
     return f"{value} ({'never' if step is None else f'{tokens_at[step] / 1e6:.3g}M'})"
 
 
+def snapshots(name):
+    """A run's snapshots, one dict per JSON line of out/search/<name>.jsonl, in training order."""
+    return [json.loads(line) for line in open(f"out/search/{name}.jsonl")]
+
+
 def table(name):
     """Print a run's snapshots (out/search/<name>.jsonl) as the rows of docs/recipe_search.md."""
-    series = [json.loads(line) for line in open(f"out/search/{name}.jsonl")]
+    series = snapshots(name)
 
     def layers(values):
         return " / ".join(f"{v:.2f}" for v in values)
@@ -155,7 +160,7 @@ def table(name):
 
 def plot(names, path="assets/search_long_runs.png"):
     """Every link of the named runs' snapshots against their training tokens: 01's emergence figure, one line a run."""
-    results = {name: [{"snapshots": [json.loads(line) for line in open(f"out/search/{name}.jsonl")]}] for name in names}
+    results = {name: [{"snapshots": snapshots(name)}] for name in names}  # plot_emergence's shape: one seed a run
     colors = {name: f"C{i}" for i, name in enumerate(names)}
     plot_emergence(results, colors, "The long search without BOS: every link at each snapshot (seed 0, one line a run)", path)
 
